@@ -1,0 +1,30 @@
+"""onthefly: watch and steer a running PyTorch training.
+
+The public API is resolved lazily so that `import onthefly` stays cheap and optional
+dependencies (scikit-learn, pandas, pyarrow, lightning, rich) load only when used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ._version import __version__
+
+_LAZY: dict[str, tuple[str, str]] = {}
+
+__all__ = ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module_name, attr = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'onthefly' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module_name, __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
