@@ -1,0 +1,212 @@
+"""The pause gate: where commands meet the training thread at a batch boundary.
+
+Every command that mutates model, optimizer, data or run state is handed to the gate as a job and
+runs on the training thread, at a batch boundary, never concurrently with a step. The training
+loop's only per-batch cost is reading one attribute (`gate.pending`), which is False unless a job
+is waiting or the run is paused.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from concurrent.futures import Future
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Callable, Protocol, runtime_checkable
+
+Job = Callable[[], Any]
+
+
+class GateClosed(RuntimeError):
+    """The gate was closed (training ended with nobody left to run the job)."""
+
+
+class PauseGate:
+    """A FIFO of jobs for the training thread, plus the paused flag.
+
+    Threads other than the training thread call `submit`; the training thread calls `service()`
+    whenever `pending` is true (checked once per batch).
+    """
+
+    def __init__(self) -> None:
+        #: The one flag the loop reads per batch: a job is waiting, or the run is paused.
+        self.pending: bool = False
+        self.paused: bool = False
+        self._jobs: deque[tuple[Job, Future, str]] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        #: Wraps every job (e.g. an RNG guard so a pause window leaves training untouched).
+        self.job_context: Callable[[str], AbstractContextManager[Any]] = lambda name: nullcontext()
+
+    # ---- any thread -------------------------------------------------------------------------
+    def should_block(self) -> bool:
+        """True when the training thread must stop at this boundary (O(1), no lock)."""
+        return self.pending
+
+    def submit(self, job: Job, *, name: str = "job") -> Future:
+        """Queue `job` for the training thread; its result or exception lands in the future."""
+        future: Future = Future()
+        with self._cv:
+            if self._closed:
+                future.set_exception(GateClosed(f"cannot run {name!r}: training is no longer running"))
+                return future
+            self._jobs.append((job, future, name))
+            self.pending = True
+            self._cv.notify_all()
+        return future
+
+    def wake(self) -> None:
+        """Wake a training thread blocked in `service` so it re-checks its state."""
+        with self._cv:
+            self._cv.notify_all()
+
+    @property
+    def queued(self) -> int:
+        return len(self._jobs)
+
+    def close(self, reason: str = "training is no longer running") -> None:
+        """Refuse new jobs and fail the queued ones; used when nothing will service the gate again."""
+        with self._cv:
+            self._closed = True
+            leftovers = list(self._jobs)
+            self._jobs.clear()
+            self.paused = False
+            self.pending = False
+            self._cv.notify_all()
+        for _, future, name in leftovers:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(GateClosed(f"cannot run {name!r}: {reason}"))
+
+    def reopen(self) -> None:
+        with self._cv:
+            self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # ---- training thread --------------------------------------------------------------------
+    def run_pending(self) -> int:
+        """Run every queued job in FIFO order on the calling thread; returns how many ran."""
+        ran = 0
+        while True:
+            with self._cv:
+                if not self._jobs:
+                    self.pending = self.paused
+                    return ran
+                job, future, name = self._jobs.popleft()
+            self._run(job, future, name)
+            ran += 1
+
+    def service(self, *, keep_going: Callable[[], bool] = lambda: True, poll: float = 0.25) -> int:
+        """Run queued jobs, and while paused keep running jobs as they arrive.
+
+        Returns once the gate is not paused and no job is queued, or when `keep_going()` turns
+        false (e.g. the run was stopped). Blocks on a condition variable, never spins.
+        """
+        ran = self.run_pending()
+        while keep_going():
+            with self._cv:
+                if not self._jobs:
+                    if not self.paused or self._closed:
+                        self.pending = bool(self._jobs) or self.paused
+                        return ran
+                    self._cv.wait(timeout=poll)
+                    continue
+            ran += self.run_pending()
+        return ran
+
+    def serve(self, until: Callable[[], bool], poll: float = 0.25) -> None:
+        """Run jobs as they arrive until `until()` is true (used after training, while a dashboard is attached)."""
+        while not until():
+            with self._cv:
+                if not self._jobs:
+                    self._cv.wait(timeout=poll)
+                    continue
+            self.run_pending()
+
+    def _run(self, job: Job, future: Future, name: str) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with self.job_context(name):
+                result = job()
+        except BaseException as exc:  # handed to the waiting requester, never lost
+            future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        else:
+            future.set_result(result)
+
+
+@runtime_checkable
+class ControlDelegate(Protocol):
+    """What a session provides to the pause window."""
+
+    def current_step(self) -> int:
+        """The step the run is at (for `paused`/`resumed` events and replies)."""
+
+    def checkpoint_for_pause(self) -> str | None:
+        """Snapshot the state for a pause and return the checkpoint path (written in the background)."""
+
+    def on_paused(self) -> None:
+        """Called on the training thread right after the run became paused."""
+
+    def on_resumed(self) -> None:
+        """Called on the training thread right before the run continues."""
+
+
+EmitFn = Callable[[str, dict], Any]
+
+
+class ConsoleAction:
+    """The pause window: pausing, resuming, and running an action inside a pause.
+
+    All methods run on the training thread (they are gate jobs).
+    """
+
+    def __init__(self, gate: PauseGate, delegate: ControlDelegate, emit: EmitFn) -> None:
+        self.gate = gate
+        self.delegate = delegate
+        self.emit = emit
+        self.pause_ckpt: str | None = None
+
+    @property
+    def paused(self) -> bool:
+        return self.gate.paused
+
+    def pause(self, request: dict | None = None, *, checkpoint: bool = True) -> dict:
+        """Enter the paused state (idempotent) and emit `paused` once."""
+        step = self.delegate.current_step()
+        if self.gate.paused:
+            return {"status": "paused", "step": step, "ckpt": self.pause_ckpt}
+        self.gate.paused = True
+        self.gate.pending = True
+        self.pause_ckpt = self.delegate.checkpoint_for_pause() if checkpoint else None
+        event: dict[str, Any] = {"step": step, "request": request or {"action": "pause", "reason": "manual"}}
+        if self.pause_ckpt is not None:
+            event["ckpt"] = self.pause_ckpt
+        self.emit("paused", event)
+        self.delegate.on_paused()
+        return {"status": "paused", "step": step, "ckpt": self.pause_ckpt}
+
+    def resume(self) -> dict:
+        """Leave the paused state (idempotent) and emit `resumed` once."""
+        step = self.delegate.current_step()
+        if self.gate.paused:
+            self.delegate.on_resumed()
+            self.gate.paused = False
+            self.pause_ckpt = None
+            self.gate.wake()
+            self.emit("resumed", {"step": step})
+        return {"status": "resumed", "step": step}
+
+    def pause_window(self, request: dict, action: Callable[[], Any], *, checkpoint: bool = True) -> Any:
+        """Run `action` paused: pause first if needed, and resume afterwards only if we paused."""
+        if self.gate.paused:
+            return action()
+        self.pause(request, checkpoint=checkpoint)
+        try:
+            return action()
+        finally:
+            self.resume()
