@@ -11,9 +11,18 @@ from typing import Any
 
 from ._version import __version__
 
-_LAZY: dict[str, tuple[str, str]] = {}
+_LAZY: dict[str, tuple[str, str]] = {
+    "Trainer": (".trainer", "Trainer"),
+    "OnTheFlySession": (".session.native", "OnTheFlySession"),
+    "OnTheFlySessionBase": (".session.base", "OnTheFlySessionBase"),
+    "SessionConfig": (".session.config", "SessionConfig"),
+    "ConfigError": (".session.config", "ConfigError"),
+    "CheckpointError": (".checkpoints", "CheckpointError"),
+    "ProtocolError": (".control.errors", "ProtocolError"),
+    "DashboardServer": (".client", "DashboardServer"),
+}
 
-__all__ = ["__version__"]
+__all__ = ["__version__", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

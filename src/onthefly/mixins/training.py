@@ -1,0 +1,257 @@
+"""The native training loop, written out top to bottom so a user could copy it.
+
+Per batch the loop does exactly: one attribute read (`gate.pending`), fetch, the training step,
+and a small dict handed to the event queue. Metrics stay on the device; the writer thread reads
+them when it encodes the event, so the training thread never waits on a host sync for telemetry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from types import SimpleNamespace
+from typing import Any, Callable, Iterator
+
+import torch
+
+from ..data_explorer import batch_size_of, move_to_device
+
+
+def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """L2 norm over many tensors, computed on their device (no host sync)."""
+    if not tensors:
+        return None
+    norms = torch._foreach_norm(tensors) if hasattr(torch, "_foreach_norm") else [t.norm() for t in tensors]
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+
+
+def process_memory_mib(device: torch.device) -> float | None:
+    """CUDA memory allocated, or this process's resident memory on CPU (MiB)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    import resource
+
+    return pages * resource.getpagesize() / 2**20
+
+
+StepFn = Callable[[Any], dict[str, Any]]
+
+
+class TrainingMixin:
+    """`train()`: epochs and steps, validation, the end-of-run test, commands at every boundary."""
+
+    custom_step: Callable[[Any, SimpleNamespace], Any] | None = None
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def train(self) -> str:
+        """Run training to the end (or until stopped); returns the final status."""
+        self.before_training()
+        status, error = "completed", None
+        try:
+            self._run_epochs()
+            if not self.state.running:
+                status = "stopped"
+            elif self.cfg.do_test_after and self.test_loader is not None:
+                self.run_labeled_test_and_ckpt("final", source="auto")
+        except KeyboardInterrupt:
+            status, error = "stopped", "KeyboardInterrupt"
+            raise
+        except BaseException as exc:
+            status, error = "failed", exc
+            raise
+        finally:
+            self.after_training(status, error)
+        return status
+
+    def _run_epochs(self) -> None:
+        cfg, st = self.cfg, self.state
+        self._step_fn = self._make_step_fn()
+        self._reset_throughput()
+        while st.running:
+            if cfg.max_epochs is not None and st.epoch >= cfg.max_epochs:
+                break
+            if cfg.max_steps is not None and st.step >= cfg.max_steps:
+                break
+            self._reposition = False
+            if st.batch_in_epoch == 0:
+                self.log(f"epoch {st.epoch}", phase="train")
+            self.model.train()
+            iterator = self.open_epoch_iterator(self.train_loader, st.epoch, st.batch_in_epoch)
+            finished = self._run_batches(iterator)
+            if self._reposition:
+                continue
+            if not finished:
+                break
+            self._end_epoch()
+
+    def _run_batches(self, iterator: Iterator[Any]) -> bool:
+        """Train until the iterator ends (True) or the run stops / must reposition (False)."""
+        gate, st, cfg = self.gate, self.state, self.cfg
+        step_fn = self._step_fn
+        max_steps = cfg.max_steps
+        ckpt_every = cfg.ckpt_every_steps
+        while True:
+            if gate.pending:
+                self.at_boundary()
+                if not st.running or self._reposition:
+                    return False
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return True
+            metrics = step_fn(batch)
+            st.step += 1
+            st.batch_in_epoch += 1
+            self._state_version += 1
+            if self.scheduler is not None and cfg.scheduler_interval == "step":
+                self.scheduler.step()
+            self._record_step(metrics, batch)
+            if ckpt_every and st.step % ckpt_every == 0:
+                self.save_checkpoint()
+            if max_steps is not None and st.step >= max_steps:
+                return False
+
+    def _end_epoch(self) -> None:
+        st, cfg = self.state, self.cfg
+        val_loss = None
+        if self.val_loader is not None and (st.epoch + 1) % cfg.val_every_n_epochs == 0:
+            val_loss = self.validate()
+            st.last_val_loss = val_loss
+            self.log(f"epoch {st.epoch} val_loss = {val_loss}", phase="train")
+        self.emit("epoch_end", epoch=st.epoch, val_loss=val_loss)
+        if self.scheduler is not None and cfg.scheduler_interval == "epoch":
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if val_loss is not None:
+                    self.scheduler.step(val_loss)
+            else:
+                self.scheduler.step()
+        st.epoch += 1
+        st.batch_in_epoch = 0
+
+    def validate(self) -> float | None:
+        """Average loss over the validation loader (one host sync, at the end)."""
+        model, device = self.model, self.resolve_device()
+        was_training = model.training
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        count = 0
+        model.eval()
+        try:
+            with torch.inference_mode(), self.autocast_context():
+                for batch in self.val_loader:
+                    total += self.batch_loss(self._to_device(batch)).detach().float()
+                    count += 1
+        finally:
+            model.train(was_training)
+        return float(total.item() / count) if count else None
+
+    # ---- one step ----------------------------------------------------------------------------
+    def _to_device(self, batch: Any) -> Any:
+        return batch if self.device.type == "cpu" else move_to_device(batch, self.device)
+
+    def _make_step_fn(self) -> StepFn:
+        if self.custom_step is None:
+            return self.default_step
+        user_fn = self.custom_step
+        state = SimpleNamespace(model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+                                device=self.device, autocast=self.autocast_context, scaler=self.scaler,
+                                scheduler=self.scheduler, session=self)
+
+        def step(batch: Any) -> dict[str, Any]:
+            state.model, state.optimizer, state.loss_fn = self.model, self.optimizer, self.loss_fn
+            out = user_fn(self._to_device(batch), state)
+            if isinstance(out, dict):
+                return out
+            if torch.is_tensor(out):
+                return {"loss": out.detach()}
+            raise TypeError(f"training_step must return a dict of metrics or a loss tensor, got {type(out).__name__}")
+
+        return step
+
+    def default_step(self, batch: Any) -> dict[str, Any]:
+        """zero_grad, forward under autocast, loss, backward (scaled), clip, optimizer step."""
+        batch = self._to_device(batch)
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        optimizer.zero_grad(set_to_none=True)
+        with self.autocast_context():
+            if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0]):
+                outputs = model(batch[0])
+                loss = self.loss_fn(outputs, batch[1])
+            else:
+                outputs, loss = None, self.batch_loss(batch)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        grad_norm = None
+        clip = self.cfg.grad_clip_norm
+        if clip:
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return {"loss": loss.detach(), "grad_norm": grad_norm, "_outputs": outputs}
+
+    # ---- telemetry ---------------------------------------------------------------------------
+    def _reset_throughput(self) -> None:
+        self._tp_time = time.perf_counter()
+        self._tp_samples = 0
+
+    def _record_step(self, metrics: dict[str, Any], batch: Any) -> None:
+        st, cfg = self.state, self.cfg
+        self._tp_samples += batch_size_of(batch)
+        step = st.step
+        if step % cfg.log_every_n_steps:
+            return
+        now = time.perf_counter()
+        elapsed = now - self._tp_time
+        throughput = self._tp_samples / elapsed if elapsed > 0 else None
+        self._tp_time, self._tp_samples = now, 0
+        outputs = metrics.pop("_outputs", None)
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        fields: dict[str, Any] = {
+            "step": step,
+            "epoch": st.epoch,
+            "loss": metrics.get("loss"),
+            "val_loss": st.last_val_loss,
+            "accuracy": metrics.get("accuracy"),
+            "lr": sum(g["lr"] for g in groups) / len(groups) if groups else None,
+            "grad_norm": metrics.get("grad_norm"),
+            "weight_norm": None,
+            "activation_zero_frac": None,
+            "throughput": throughput,
+            "mem_vram": None,
+            "gpu_util": None,
+        }
+        if step % cfg.diagnostics_every_n_steps == 0:
+            self._add_diagnostics(fields, outputs, batch)
+        for key, value in metrics.items():
+            if key not in fields:
+                fields[key] = value
+        st.last_metrics = fields
+        self.emit("trainStep", **fields)
+
+    def _add_diagnostics(self, fields: dict[str, Any], outputs: Any, batch: Any) -> None:
+        """The costlier metrics, at `diagnostics_every_n_steps`: still on-device tensors."""
+        params = [p for p in self.model.parameters()]
+        with torch.no_grad():
+            fields["weight_norm"] = total_norm([p.detach() for p in params])
+            if fields["grad_norm"] is None:
+                fields["grad_norm"] = total_norm([p.grad.detach() for p in params if p.grad is not None])
+            if fields["accuracy"] is None and torch.is_tensor(outputs) and isinstance(batch, (tuple, list)):
+                targets = batch[1] if len(batch) > 1 else None
+                if (torch.is_tensor(targets) and outputs.dim() == 2 and targets.dim() == 1
+                        and not targets.is_floating_point() and outputs.shape[0] == targets.shape[0]):
+                    fields["accuracy"] = (outputs.argmax(dim=1) == targets.to(outputs.device)).float().mean()
+        fields["mem_vram"] = process_memory_mib(self.resolve_device())
+        if self.device.type == "cuda":
+            with contextlib.suppress(RuntimeError, ModuleNotFoundError):  # NVML is optional
+                fields["gpu_util"] = float(torch.cuda.utilization(self.device))

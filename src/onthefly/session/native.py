@@ -1,0 +1,76 @@
+"""OnTheFlySession: the session that drives the batches itself (used by `Trainer`)."""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..mixins.training import TrainingMixin
+from .base import OnTheFlySessionBase
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) in one call."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class OnTheFlySession(TrainingMixin, OnTheFlySessionBase):
+    """A session plus the native loop. Bind objects with `bind()`, then `train()`."""
+
+    def bind(
+        self,
+        *,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        loss_fn: Callable[..., Any] | None,
+        train_loader: Any,
+        val_loader: Any = None,
+        test_loader: Any = None,
+        scheduler: Any = None,
+        device: str | torch.device | None = None,
+        model_factory: Callable[[], torch.nn.Module] | None = None,
+        embedding_hook: Callable[..., Any] | None = None,
+    ) -> None:
+        """Attach the user's objects; moves the model to the device and applies the data policy."""
+        if model is None:
+            raise TypeError("fit() needs a model")
+        if train_loader is None:
+            raise TypeError("fit() needs a train_loader")
+        if optimizer is None and self.custom_step is None:
+            raise TypeError("fit() needs an optimizer (or a custom @training_step)")
+        if loss_fn is None and self.custom_step is None:
+            raise TypeError("fit() needs a loss_fn (or a custom @training_step)")
+        if device is not None:
+            self.cfg.device = str(device)
+        self.device = torch.device(self.cfg.device) if self.cfg.device else _default_device(model)
+        self.model = model.to(self.device)
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.scheduler = scheduler
+        self.val_loader = val_loader
+        self.test_loader = test_loader
+        self.model_factory = model_factory
+        self.embedding_hook = embedding_hook
+        if self.cfg.amp and self.device.type == "cuda":
+            self.scaler = torch.amp.GradScaler("cuda")
+        self.train_root_loader = train_loader
+        self.train_loader = self.prepare_train_loader(train_loader)
+
+    def resume_from_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
+        """Load a checkpoint before training starts; the loop continues from its step and batch."""
+        info = self.load_checkpoint_into_state(path)
+        self.log(f"[resume] restored {path} at step {info['step']}")
+        self.emit("checkpoint_loaded", path=str(path), step=info["step"])
+        return info
+
+
+def _default_device(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
