@@ -456,6 +456,10 @@ def test_distill_regression_uses_mse_to_teachers_mean():
         distill_merge(student, teachers, [], steps=2)
     with pytest.raises(MergeError, match="temperature"):
         distill_merge(student, teachers, data, temperature=0.0)
+    with pytest.raises(MergeError, match="classes >= 2"):
+        distill_merge(student, teachers, data, steps=2, task="classification")
+    with pytest.raises(MergeError, match="teachers\\[1\\] output shape \\(8, 2\\)"):
+        distill_merge(student, [teachers[0], nn.Linear(3, 2)], data, steps=2)
 
 
 # --------------------------------------------------------------------------------------------

@@ -685,9 +685,9 @@ def _distill_steps(
                     )
             if resolved is None:
                 resolved = _resolve_task(task, batch, student_out)
-                if resolved == "classification" and student_out.dim() < 2:
+                if resolved == "classification" and (student_out.dim() < 2 or student_out.shape[1] < 2):
                     raise MergeError(
-                        f"distill_merge: classification needs outputs shaped (batch, classes, ...), "
+                        "distill_merge: classification needs outputs shaped (batch, classes >= 2, ...), "
                         f"got {tuple(student_out.shape)}; use task='regression'"
                     )
             loss = _distillation_loss(student_out, teacher_outs, resolved, temperature)
