@@ -64,9 +64,18 @@ ANSI_ESCAPE_RE = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class CheckpointError(Exception):
-    """A checkpoint could not be written or read; names the file and what is wrong."""
+    """A checkpoint could not be written or read; names the file and what is wrong.
 
-    def __init__(self, path: str | os.PathLike[str], problem: str) -> None:
+    Preferred form: `CheckpointError(path, problem)`. A single argument is taken as a complete
+    message that already names the file (`path` is then None).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], problem: str | None = None) -> None:
+        if problem is None:
+            self.path: Path | None = None
+            self.problem = str(path)
+            super().__init__(self.problem)
+            return
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"checkpoint {self.path}: {problem}")
