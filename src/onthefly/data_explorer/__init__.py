@@ -1,0 +1,102 @@
+"""Torch-level analysis utilities: calling any model and loss on any batch, per-sample losses,
+disk spooling, embeddings, clustering and subset export.
+
+Importing this package loads neither scikit-learn, pandas nor pyarrow; the functions that need
+them import them when called (install them with `pip install 'onthefly[explorer]'`).
+"""
+
+from __future__ import annotations
+
+from .batches import BatchParts, batch_size_of, map_batch, move_to_device, select_sample, split_batch
+from .calling import (
+    ALREADY_PER_SAMPLE,
+    ONE_BY_ONE,
+    REDUCTION_NONE,
+    VMAP,
+    CallCache,
+    InputCandidate,
+    InputRecipe,
+    LossCallError,
+    LossShapeError,
+    ModelCallError,
+    _call_batch_loss,
+    apply_loss_with_warning_guard,
+    call_batch_loss,
+    call_model,
+    coerce_to_per_sample,
+    compute_batch_loss,
+    ensure_tensor_output,
+    extract_loss_value,
+    model_input_candidates,
+    reduction_none,
+)
+from .embeddings import (
+    ClusterSummary,
+    EmbeddingResult,
+    cluster_embeddings,
+    compute_embeddings,
+    last_linear_layer,
+    propose_subsets,
+    select_hard_clusters,
+)
+from .export import FORMATS, ExportResult, atomic_write, export_subset_table
+from .losses import PerSampleResult, compute_per_sample_losses, select_by_loss_range
+from .scan import (
+    ScanCancelled,
+    analysis_mode,
+    dataset_indices_of,
+    model_device,
+    rng_guard,
+    root_dataset,
+)
+from .spool import ChunkedArraySpool
+
+__all__ = [
+    "ALREADY_PER_SAMPLE",
+    "FORMATS",
+    "ONE_BY_ONE",
+    "REDUCTION_NONE",
+    "VMAP",
+    "BatchParts",
+    "CallCache",
+    "ChunkedArraySpool",
+    "ClusterSummary",
+    "EmbeddingResult",
+    "ExportResult",
+    "InputCandidate",
+    "InputRecipe",
+    "LossCallError",
+    "LossShapeError",
+    "ModelCallError",
+    "PerSampleResult",
+    "ScanCancelled",
+    "_call_batch_loss",
+    "analysis_mode",
+    "apply_loss_with_warning_guard",
+    "atomic_write",
+    "batch_size_of",
+    "call_batch_loss",
+    "call_model",
+    "cluster_embeddings",
+    "coerce_to_per_sample",
+    "compute_batch_loss",
+    "compute_embeddings",
+    "compute_per_sample_losses",
+    "dataset_indices_of",
+    "ensure_tensor_output",
+    "export_subset_table",
+    "extract_loss_value",
+    "last_linear_layer",
+    "map_batch",
+    "model_device",
+    "model_input_candidates",
+    "move_to_device",
+    "propose_subsets",
+    "reduction_none",
+    "rng_guard",
+    "root_dataset",
+    "select_by_loss_range",
+    "select_hard_clusters",
+    "select_sample",
+    "split_batch",
+]

@@ -1,0 +1,752 @@
+"""Calling a user's model and loss on a user's batch: input candidates, output normalisation,
+batch-aware loss patterns, the shape-warning guard and per-sample loss extraction.
+
+Nothing here is configured by the user: the first batch is probed, the working choice is cached
+(the model-input recipe on a `CallCache`, the loss pattern on the loss as `_otf_batch_call_cfg`)
+and every later batch takes the cached path without probing again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import logging
+import numbers
+import re
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .batches import (
+    INPUT_KEYS,
+    BatchParts,
+    batch_size_of,
+    has_per_sample_python_values,
+    iter_tensors,
+    map_batch,
+    select_sample,
+    split_batch,
+)
+
+log = logging.getLogger(__name__)
+
+LOSS_CFG_ATTR = "_otf_batch_call_cfg"
+MODEL_CACHE_ATTR = "_otf_call_cache"
+
+# Exceptions that mean "this way of calling does not fit", during probing only. A cached call
+# never swallows anything: the user's own error reaches them unchanged.
+PROBE_ERRORS = (TypeError, ValueError, RuntimeError, IndexError, KeyError, AttributeError, AssertionError)
+
+# Per-sample loss methods, as reported in `PerSampleResult.meta["per_sample_method"]`.
+REDUCTION_NONE = "reduction_none"
+ALREADY_PER_SAMPLE = "already_per_sample"
+VMAP = "vmap"
+ONE_BY_ONE = "one_by_one"
+
+
+class ModelCallError(RuntimeError):
+    """No way of feeding the batch to the model worked; the message lists each attempt."""
+
+
+class LossCallError(RuntimeError):
+    """No supported call pattern worked for the loss; the message lists each attempt."""
+
+
+class LossShapeError(ValueError):
+    """A loss warned about broadcasting or mismatched shapes, or returned an unusable shape."""
+
+
+# ---------------------------------------------------------------------------------------------
+# caches
+
+
+@dataclass(frozen=True)
+class InputRecipe:
+    """How to build model inputs from `BatchParts`; cached so later batches are not probed.
+
+    kind: `positional` → `model(first, *rest[:n_rest])`; `kwargs` → `model(**first)`;
+    `key` → `model(first[key])`; `embedding` → `model(model.embedding_model(first))`.
+    """
+
+    kind: str
+    n_rest: int = 0
+    key: str | None = None
+
+    def describe(self) -> str:
+        if self.kind == "positional":
+            extra = "".join(f", rest[{i}]" for i in range(self.n_rest))
+            return f"model(first{extra})"
+        if self.kind == "kwargs":
+            return "model(**first)"
+        if self.kind == "key":
+            return f"model(first[{self.key!r}])"
+        return "model(model.embedding_model(first))"
+
+
+@dataclass
+class CallCache:
+    """What was learned about calling a model: the input recipe and per-sample fallbacks.
+
+    Kept on the model as `_otf_call_cache` unless the caller holds one explicitly. `loss_cfgs`
+    holds loss patterns for loss callables that cannot carry attributes (keyed by `id`).
+    """
+
+    inputs: InputRecipe | None = None
+    loss_cfgs: dict[int, dict[str, Any]] = field(default_factory=dict)
+    vmap_ok: bool | None = None
+    per_sample_method: str | None = None
+
+
+def cache_for(model: Any, cache: CallCache | None = None) -> CallCache:
+    """The cache to use for `model`: the one given, else the one stored on the model (created once)."""
+    if cache is not None:
+        return cache
+    found = getattr(model, MODEL_CACHE_ATTR, None)
+    if isinstance(found, CallCache):
+        return found
+    created = CallCache()
+    try:
+        object.__setattr__(model, MODEL_CACHE_ATTR, created)
+    except (AttributeError, TypeError):
+        log.warning(
+            "cannot store the call cache on %s; pass cache=CallCache() to avoid probing every batch",
+            type(model).__name__,
+        )
+    return created
+
+
+# ---------------------------------------------------------------------------------------------
+# model inputs
+
+
+@dataclass(frozen=True)
+class _Signature:
+    required: int  # positional parameters without defaults
+    max_positional: int | None  # None when *args is accepted
+    names: frozenset[str]  # parameters that may be passed by keyword
+    required_names: frozenset[str]
+    var_keyword: bool
+
+
+def _unwrap_model(model: Any) -> Any:
+    """The module whose `forward` defines the signature (through DDP/DataParallel and torch.compile)."""
+    for _ in range(8):
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            inner = model.module
+        if inner is None:
+            return model
+        model = inner
+    return model
+
+
+def _signature_of(fn: Any) -> _Signature | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    required = 0
+    max_pos: int | None = 0
+    names: set[str] = set()
+    required_names: set[str] = set()
+    var_kw = False
+    for p in sig.parameters.values():
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            if max_pos is not None:
+                max_pos += 1
+            if p.default is p.empty:
+                required += 1
+        elif p.kind is p.VAR_POSITIONAL:
+            max_pos = None
+        elif p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            names.add(p.name)
+            if p.default is p.empty:
+                required_names.add(p.name)
+    return _Signature(required, max_pos, frozenset(names), frozenset(required_names), var_kw)
+
+
+def _model_signature(model: Any) -> _Signature | None:
+    target = _unwrap_model(model)
+    fn = target.forward if isinstance(target, nn.Module) else target
+    return _signature_of(fn)
+
+
+@dataclass(frozen=True)
+class InputCandidate:
+    """One way to call the model: the recipe plus the concrete arguments for this batch."""
+
+    recipe: InputRecipe
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def describe(self) -> str:
+        return self.recipe.describe()
+
+
+def _fits(sig: _Signature | None, n_args: int) -> bool:
+    if sig is None:
+        return True
+    return sig.required <= n_args and (sig.max_positional is None or n_args <= sig.max_positional)
+
+
+def _build_inputs(model: Any, recipe: InputRecipe, first: Any, rest: tuple[Any, ...]) -> tuple[tuple, dict]:
+    if recipe.kind == "positional":
+        if recipe.n_rest > len(rest):
+            raise ModelCallError(
+                f"cached model call {recipe.describe()} needs {recipe.n_rest + 1} batch elements, "
+                f"but this batch has {len(rest) + 1}"
+            )
+        return (first, *rest[: recipe.n_rest]), {}
+    if recipe.kind == "kwargs":
+        if not isinstance(first, Mapping):
+            raise ModelCallError(f"cached model call {recipe.describe()} needs a mapping batch, got {type(first).__name__}")
+        return (), dict(first)
+    if recipe.kind == "key":
+        if not isinstance(first, Mapping) or recipe.key not in first:
+            raise ModelCallError(f"cached model call {recipe.describe()} needs a batch field {recipe.key!r}")
+        return (first[recipe.key],), {}
+    if recipe.kind == "embedding":
+        return (model.embedding_model(first),), {}
+    raise ValueError(f"unknown input recipe kind {recipe.kind!r}")
+
+
+def model_input_candidates(model: Any, first: Any, rest: tuple[Any, ...] = ()) -> list[InputCandidate]:
+    """The ways to call `model` on a batch, most likely first, pruned by the forward signature.
+
+    Positional batches try `model(first)`, then `model(first, rest[0])`, ... (the element after
+    the last one consumed is the loss target). Mapping batches try `model(**fields)`, then
+    `model(fields[<input key>])`, then `model(fields)`. A model with an `embedding_model` hook
+    also gets `model(model.embedding_model(first))`.
+    """
+    sig = _model_signature(model)
+    recipes: list[InputRecipe] = []
+    if isinstance(first, Mapping):
+        keys = [str(k) for k in first]
+        kw_ok = sig is None or sig.var_keyword or (set(keys) <= sig.names and sig.required_names <= set(keys))
+        if kw_ok and (sig is None or sig.required <= len(keys)):
+            recipes.append(InputRecipe("kwargs"))
+        if _fits(sig, 1):
+            input_key = next((k for k in INPUT_KEYS if k in first), None)
+            if input_key is None and len(keys) == 1:
+                input_key = keys[0]
+            if input_key is not None:
+                recipes.append(InputRecipe("key", key=input_key))
+            recipes.append(InputRecipe("positional", 0))
+    else:
+        recipes.extend(InputRecipe("positional", n) for n in range(len(rest) + 1) if _fits(sig, n + 1))
+    if callable(getattr(model, "embedding_model", None)) and _fits(sig, 1):
+        recipes.append(InputRecipe("embedding"))
+    if not recipes:
+        raise ModelCallError(
+            f"no way to call {type(model).__name__} fits its forward signature with a batch of "
+            f"{1 + len(rest)} element(s) (first is {type(first).__name__})"
+        )
+    out: list[InputCandidate] = []
+    for recipe in recipes:
+        if recipe.kind == "embedding":
+            # Built lazily by `_call_candidate`: running the hook is itself a model call.
+            out.append(InputCandidate(recipe, (), {}))
+        else:
+            args, kwargs = _build_inputs(model, recipe, first, rest)
+            out.append(InputCandidate(recipe, args, kwargs))
+    return out
+
+
+def _targets_for(recipe: InputRecipe, parts: BatchParts) -> Any:
+    if recipe.kind == "positional" and parts.rest:
+        return parts.rest[recipe.n_rest] if recipe.n_rest < len(parts.rest) else None
+    return parts.targets
+
+
+def _call_candidate(model: Any, candidate: InputCandidate, parts: BatchParts) -> Any:
+    if candidate.recipe.kind == "embedding":
+        args, kwargs = _build_inputs(model, candidate.recipe, parts.first, parts.rest)
+        return model(*args, **kwargs)
+    return model(*candidate.args, **candidate.kwargs)
+
+
+class _ModelProbe:
+    """Runs each input candidate at most once and remembers outputs and failures."""
+
+    def __init__(self, model: Any, parts: BatchParts) -> None:
+        self.model = model
+        self.parts = parts
+        self.candidates = model_input_candidates(model, parts.first, parts.rest)
+        self.results: list[tuple[InputRecipe, Any] | None] = [None] * len(self.candidates)
+        self.failures: list[str] = []
+        self._done = [False] * len(self.candidates)
+
+    def working(self) -> Iterator[tuple[InputRecipe, Any]]:
+        for i, cand in enumerate(self.candidates):
+            if not self._done[i]:
+                self._done[i] = True
+                try:
+                    self.results[i] = (cand.recipe, _call_candidate(self.model, cand, self.parts))
+                except PROBE_ERRORS as exc:
+                    self.failures.append(f"{cand.describe()}: {type(exc).__name__}: {_short(exc)}")
+            if self.results[i] is not None:
+                yield self.results[i]
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def call_model(model: Any, batch: Any, cache: CallCache | None = None) -> Any:
+    """Run `model` on a batch and return its raw outputs, trying input candidates on first use.
+
+    The working recipe is cached (on `cache`, else on the model), so later batches call straight
+    through. Raises `ModelCallError` listing every attempt when none works.
+    """
+    return _model_outputs(model, split_batch(batch), cache_for(model, cache))
+
+
+def _model_outputs(model: Any, parts: BatchParts, cache: CallCache) -> Any:
+    if cache.inputs is not None:
+        args, kwargs = _build_inputs(model, cache.inputs, parts.first, parts.rest)
+        return model(*args, **kwargs)
+    probe = _ModelProbe(model, parts)
+    for recipe, outputs in probe.working():
+        cache.inputs = recipe
+        return outputs
+    raise ModelCallError(_attempts_message(f"could not call {type(model).__name__} on the batch", probe.failures))
+
+
+def _attempts_message(head: str, attempts: list[str]) -> str:
+    lines = "\n".join(f"  - {a}" for a in attempts) or "  (no attempt was possible)"
+    return f"{head}; tried:\n{lines}"
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+
+
+def _tensor_in(value: Any, depth: int = 0) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value
+    if depth > 16:
+        return None
+    if isinstance(value, Mapping):
+        keys = list(value.keys())
+        ordered = [k for k in keys if k == "logits"] + [k for k in keys if k not in ("logits", "loss")]
+        ordered += [k for k in keys if k == "loss"]
+        for k in ordered:
+            found = _tensor_in(value[k], depth + 1)
+            if found is not None:
+                return found
+        return None
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            found = _tensor_in(v, depth + 1)
+            if found is not None:
+                return found
+        return None
+    logits = getattr(value, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _tensor_in({f.name: getattr(value, f.name) for f in dataclasses.fields(value)}, depth + 1)
+    return None
+
+
+def ensure_tensor_output(output: Any) -> torch.Tensor:
+    """The tensor in a model output: itself, else `logits`, else the first tensor found in nested
+    lists/tuples/dicts/dataclasses/`ModelOutput`s (a `loss` entry only when nothing else is there)."""
+    found = _tensor_in(output)
+    if found is None:
+        raise TypeError(f"model output of type {type(output).__name__} contains no tensor")
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# loss values
+
+
+# Warnings torch (and user losses) emit when targets and outputs do not line up, e.g. MSELoss's
+# "Using a target size (torch.Size([4])) that is different to the input size ...".
+_SHAPE_WARNING = r"(?s).*(broadcast|target size|input size|shape|size mismatch|different size)"
+
+
+def apply_loss_with_warning_guard(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call `fn(*args, **kwargs)`, turning broadcasting/shape warnings into `LossShapeError`.
+
+    A loss that broadcasts a (B,) target against (B, 1) outputs silently computes the wrong
+    thing; during analysis that must fail loudly. Other warnings pass through untouched. Note:
+    `warnings.catch_warnings` resets the "shown once" registry, so do not wrap every training
+    step in it.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=_SHAPE_WARNING)
+        try:
+            return fn(*args, **kwargs)
+        except Warning as w:
+            if re.match(_SHAPE_WARNING, str(w), re.IGNORECASE):
+                raise LossShapeError(f"loss computation warned about shapes: {w}") from None
+            raise
+
+
+def extract_loss_value(value: Any) -> torch.Tensor:
+    """The loss tensor in what a loss function returned.
+
+    Accepts a tensor or Python number; a mapping (its `loss` entry, else its only tensor); an
+    object with a tensor `loss` attribute; a tuple/list (its first tensor, e.g. `(loss, logs)`).
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    if isinstance(value, Mapping):
+        if "loss" in value:
+            return extract_loss_value(value["loss"])
+        tensors = [k for k, v in value.items() if isinstance(v, torch.Tensor)]
+        if len(tensors) == 1:
+            return value[tensors[0]]
+        raise TypeError(
+            f"loss returned a mapping without a 'loss' key and with {len(tensors)} tensors "
+            f"(keys: {list(value.keys())}); return a tensor or put it under 'loss'"
+        )
+    loss_attr = getattr(value, "loss", None)
+    if isinstance(loss_attr, torch.Tensor):
+        return loss_attr
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            if isinstance(v, (torch.Tensor, Mapping)) or (isinstance(v, numbers.Real) and not isinstance(v, bool)):
+                return extract_loss_value(v)
+        raise TypeError(f"loss returned a {type(value).__name__} with no tensor or number in it")
+    raise TypeError(f"loss returned a {type(value).__name__}; expected a tensor, number, mapping or tuple")
+
+
+def coerce_to_per_sample(
+    value: Any, batch_size: int, device: torch.device | str | None = None
+) -> torch.Tensor | None:
+    """A (batch_size,) tensor of per-sample losses from a loss value, or None for a batch reduction.
+
+    (B,) is kept; (B, ...) is averaged over the trailing dimensions (per-element or per-token
+    losses); a flat (B*T,) vector is read as B rows of T; a scalar is per-sample only when
+    batch_size is 1 — otherwise None, meaning the loss reduced over the batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    t = extract_loss_value(value)
+    if t.dim() == 0:
+        out = t.reshape(1) if batch_size == 1 else None
+    elif t.shape[0] == batch_size:
+        out = t if t.dim() == 1 else t.reshape(batch_size, -1).mean(dim=1)
+    elif t.dim() == 1 and t.numel() % batch_size == 0 and t.numel() > 0:
+        out = t.reshape(batch_size, -1).mean(dim=1)
+    else:
+        raise LossShapeError(
+            f"cannot read {batch_size} per-sample losses from a loss of shape {tuple(t.shape)}"
+        )
+    if out is not None and device is not None:
+        out = out.to(device)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-aware loss calls
+
+_PATTERNS = ("outputs_targets", "outputs_batch", "model_batch", "batch")
+_PATTERN_TEXT = {
+    "outputs_targets": "loss(outputs, targets)",
+    "outputs_batch": "loss(outputs, batch)",
+    "model_batch": "loss(model, batch)",
+    "batch": "loss(batch)",
+}
+
+
+def _cfg_holder(loss_fn: Any) -> Any:
+    return getattr(loss_fn, "__func__", loss_fn)  # bound methods share their function's pattern
+
+
+def _get_loss_cfg(loss_fn: Any, cache: CallCache) -> dict[str, Any] | None:
+    cfg = getattr(_cfg_holder(loss_fn), LOSS_CFG_ATTR, None)
+    if isinstance(cfg, dict):
+        return cfg
+    return cache.loss_cfgs.get(id(_cfg_holder(loss_fn)))
+
+
+def _set_loss_cfg(loss_fn: Any, cache: CallCache, cfg: dict[str, Any]) -> None:
+    holder = _cfg_holder(loss_fn)
+    try:
+        object.__setattr__(holder, LOSS_CFG_ATTR, cfg)
+    except (AttributeError, TypeError):
+        cache.loss_cfgs[id(holder)] = cfg  # builtins take no attributes; the cache keeps it
+
+
+def _loss_signature(loss_fn: Any) -> _Signature | None:
+    fn = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+    return _signature_of(fn)
+
+
+def _pattern_order(loss_fn: Any) -> tuple[list[str], bool]:
+    """Patterns to try, most likely first (from parameter names/count), and whether the loss
+    takes a `reduction=` keyword."""
+    sig = _loss_signature(loss_fn)
+    if sig is None:
+        return list(_PATTERNS), False
+    fn = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
+    params = [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    takes_reduction = "reduction" in sig.names
+    order = list(_PATTERNS)
+    first_choice = None
+    if sig.required == 1:
+        first_choice = "batch"
+    elif params and params[0] in ("model", "net", "module"):
+        first_choice = "model_batch"
+    elif len(params) > 1 and params[1] in ("batch", "data", "sample", "samples"):
+        first_choice = "outputs_batch"
+    if first_choice is not None:
+        order.remove(first_choice)
+        order.insert(0, first_choice)
+    if sig.max_positional is not None:
+        n_args = {"outputs_targets": 2, "outputs_batch": 2, "model_batch": 2, "batch": 1}
+        order = [p for p in order if sig.required <= n_args[p] <= sig.max_positional] or order
+    return order, takes_reduction
+
+
+def _guarded(guard: bool, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return apply_loss_with_warning_guard(fn, *args, **kwargs) if guard else fn(*args, **kwargs)
+
+
+def _run_loss(
+    cfg: dict[str, Any],
+    loss_fn: Callable[..., Any],
+    model: Any,
+    batch: Any,
+    parts: BatchParts,
+    outputs: Any,
+    recipe: InputRecipe | None,
+    guard: bool,
+    kwargs: dict[str, Any],
+) -> Any:
+    pattern = cfg["pattern"]
+    if pattern == "batch":
+        return _guarded(guard, loss_fn, batch, **kwargs)
+    if pattern == "model_batch":
+        return _guarded(guard, loss_fn, model, batch, **kwargs)
+    out = ensure_tensor_output(outputs) if cfg.get("outputs") == "tensor" else outputs
+    if pattern == "outputs_batch":
+        return _guarded(guard, loss_fn, out, batch, **kwargs)
+    targets = _targets_for(recipe, parts) if recipe is not None else parts.targets
+    if targets is None:
+        raise LossCallError("the cached pattern loss(outputs, targets) needs targets, but this batch has none")
+    return _guarded(guard, loss_fn, out, targets, **kwargs)
+
+
+def _call_loss(
+    loss_fn: Callable[..., Any],
+    model: Any,
+    batch: Any,
+    cache: CallCache,
+    *,
+    guard: bool,
+    want_reduction_none: bool,
+) -> tuple[Any, bool]:
+    """Call the loss on a batch; returns (raw value, whether a `reduction='none'` keyword was passed)."""
+    parts = split_batch(batch)
+    cfg = _get_loss_cfg(loss_fn, cache)
+    if cfg is not None:
+        kwargs = {"reduction": "none"} if (want_reduction_none and cfg.get("reduction_kwarg")) else {}
+        outputs = None
+        if cfg["pattern"] in ("outputs_targets", "outputs_batch"):
+            outputs = _model_outputs(model, parts, cache)
+        return _run_loss(cfg, loss_fn, model, batch, parts, outputs, cache.inputs, guard, kwargs), bool(kwargs)
+
+    order, takes_reduction = _pattern_order(loss_fn)
+    kwargs = {"reduction": "none"} if (want_reduction_none and takes_reduction) else {}
+    tried: list[str] = []
+    probe: _ModelProbe | None = None
+    for pattern in order:
+        if pattern in ("batch", "model_batch"):
+            cfg = {"pattern": pattern, "reduction_kwarg": takes_reduction}
+            try:
+                value = _run_loss(cfg, loss_fn, model, batch, parts, None, None, guard, kwargs)
+            except PROBE_ERRORS as exc:
+                tried.append(f"{_PATTERN_TEXT[pattern]}: {type(exc).__name__}: {_short(exc)}")
+                continue
+            _set_loss_cfg(loss_fn, cache, cfg)
+            return value, bool(kwargs)
+        if probe is None:
+            if cache.inputs is not None:
+                probe = _CachedProbe(model, parts, cache)
+            else:
+                try:
+                    probe = _ModelProbe(model, parts)
+                except ModelCallError as exc:
+                    tried.append(f"{_PATTERN_TEXT[pattern]}: {_short(exc)}")
+                    continue
+        for recipe, outputs in probe.working():
+            targets = _targets_for(recipe, parts)
+            if pattern == "outputs_targets" and targets is None:
+                continue
+            # "tensor" passes ensure_tensor_output(outputs): the same as raw for tensor outputs,
+            # and it keeps working for a later model that returns a ModelOutput.
+            variants = ["tensor"] if isinstance(outputs, torch.Tensor) else ["tensor", "raw"]
+            for variant in variants:
+                cfg = {"pattern": pattern, "outputs": variant, "reduction_kwarg": takes_reduction}
+                try:
+                    value = _run_loss(cfg, loss_fn, model, batch, parts, outputs, recipe, guard, kwargs)
+                except PROBE_ERRORS as exc:
+                    where = f"{_PATTERN_TEXT[pattern]} with {recipe.describe()}"
+                    if variant == "tensor" and len(variants) > 1:
+                        where += " (outputs reduced to a tensor)"
+                    tried.append(f"{where}: {type(exc).__name__}: {_short(exc)}")
+                    continue
+                cache.inputs = recipe
+                _set_loss_cfg(loss_fn, cache, cfg)
+                return value, bool(kwargs)
+    if probe is not None:
+        tried.extend(f"model call {f}" for f in probe.failures)
+    raise LossCallError(_attempts_message(f"could not call the loss {_loss_name(loss_fn)} on the batch", tried))
+
+
+class _CachedProbe:
+    """A probe that already knows the input recipe: one model call, reused by every pattern."""
+
+    def __init__(self, model: Any, parts: BatchParts, cache: CallCache) -> None:
+        self.failures: list[str] = []
+        self._recipe = cache.inputs
+        args, kwargs = _build_inputs(model, self._recipe, parts.first, parts.rest)
+        self._outputs = model(*args, **kwargs)
+
+    def working(self) -> Iterator[tuple[InputRecipe, Any]]:
+        yield self._recipe, self._outputs
+
+
+def _loss_name(loss_fn: Any) -> str:
+    return getattr(loss_fn, "__qualname__", None) or type(loss_fn).__name__
+
+
+def call_batch_loss(
+    loss_fn: Callable[..., Any],
+    model: Any,
+    batch: Any,
+    *,
+    cache: CallCache | None = None,
+    warning_guard: bool = True,
+) -> Any:
+    """Call a loss on a batch in whichever supported form it takes, and return what it returns.
+
+    Forms: `loss(outputs, targets)`, `loss(outputs, batch)`, `loss(model, batch)`, `loss(batch)`.
+    The first that works is cached on the loss as `_otf_batch_call_cfg` and used from then on
+    without probing; if none works, `LossCallError` lists every attempt.
+    """
+    value, _ = _call_loss(loss_fn, model, batch, cache_for(model, cache), guard=warning_guard, want_reduction_none=False)
+    return value
+
+
+_call_batch_loss = call_batch_loss  # the name the architecture overview uses
+
+
+@contextlib.contextmanager
+def reduction_none(loss_fn: Any) -> Iterator[bool]:
+    """Temporarily set `loss_fn.reduction = 'none'` (restored on exit); yields whether it did."""
+    current = getattr(loss_fn, "reduction", None)
+    if not isinstance(current, str) or current == "none":
+        yield False
+        return
+    try:
+        setattr(loss_fn, "reduction", "none")
+    except (AttributeError, TypeError):
+        log.debug("loss %s has a read-only reduction attribute; not overriding it", _loss_name(loss_fn))
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        setattr(loss_fn, "reduction", current)
+
+
+def compute_batch_loss(
+    model: Any,
+    batch: Any,
+    loss_fn: Callable[..., Any],
+    *,
+    per_sample: bool,
+    cache: CallCache | None = None,
+    warning_guard: bool = True,
+) -> torch.Tensor:
+    """The loss of a batch of any shape: a scalar, or a (B,) tensor when `per_sample` is True.
+
+    Per-sample losses come from, in order: `reduction='none'` (the loss's `reduction` attribute,
+    set only for the call, or its `reduction=` keyword); a loss that already returns per-sample
+    values; `torch.func.vmap` over samples; one sample at a time. The method used is left in
+    `cache.per_sample_method`. Grad mode is the caller's: this works inside a training step.
+    """
+    cache = cache_for(model, cache)
+    if not per_sample:
+        value, _ = _call_loss(loss_fn, model, batch, cache, guard=warning_guard, want_reduction_none=False)
+        t = extract_loss_value(value)
+        return t if t.dim() == 0 else t.float().mean()
+    n = batch_size_of(batch)
+    with reduction_none(loss_fn) as overridden:
+        value, passed_kwarg = _call_loss(loss_fn, model, batch, cache, guard=warning_guard, want_reduction_none=True)
+    loss = extract_loss_value(value)
+    per = coerce_to_per_sample(loss, n)
+    if per is not None:
+        if overridden or passed_kwarg:
+            cache.per_sample_method = REDUCTION_NONE
+        elif loss.dim() == 0:
+            cache.per_sample_method = ONE_BY_ONE  # a batch of one: the reduced loss is its loss
+        else:
+            cache.per_sample_method = ALREADY_PER_SAMPLE
+        return per
+    return _per_sample_fallback(model, batch, loss_fn, n, cache, warning_guard)
+
+
+def _single_loss(model: Any, one: Any, loss_fn: Callable[..., Any], cache: CallCache, guard: bool) -> torch.Tensor:
+    value, _ = _call_loss(loss_fn, model, one, cache, guard=guard, want_reduction_none=False)
+    per = coerce_to_per_sample(value, 1)
+    assert per is not None  # a batch of one always yields one value
+    return per[0]
+
+
+def _per_sample_fallback(
+    model: Any, batch: Any, loss_fn: Callable[..., Any], n: int, cache: CallCache, guard: bool
+) -> torch.Tensor:
+    if cache.vmap_ok is not False and not has_per_sample_python_values(batch, n):
+        try:
+            out = _vmap_losses(model, batch, loss_fn, n, cache, guard)
+        except (RuntimeError, TypeError, ValueError, LossCallError, ModelCallError) as exc:
+            log.info("vmap per-sample loss failed (%s: %s); scoring one sample at a time", type(exc).__name__, _short(exc))
+            cache.vmap_ok = False
+        else:
+            cache.vmap_ok = True
+            cache.per_sample_method = VMAP
+            return out
+    cache.per_sample_method = ONE_BY_ONE
+    return torch.stack([_single_loss(model, select_sample(batch, i, n), loss_fn, cache, guard) for i in range(n)])
+
+
+def _vmap_losses(
+    model: Any, batch: Any, loss_fn: Callable[..., Any], n: int, cache: CallCache, guard: bool
+) -> torch.Tensor:
+    leaves = iter_tensors(batch)
+    in_dims = tuple(0 if (t.dim() > 0 and t.shape[0] == n) else None for t in leaves)
+
+    def one(*sample_leaves: torch.Tensor) -> torch.Tensor:
+        it = iter(zip(sample_leaves, in_dims))
+
+        def put(_: torch.Tensor) -> torch.Tensor:
+            t, dim = next(it)
+            return t.unsqueeze(0) if dim == 0 else t
+
+        return _single_loss(model, map_batch(batch, put), loss_fn, cache, guard)
+
+    out = torch.func.vmap(one, in_dims=in_dims, randomness="different")(*leaves)
+    if out.shape != (n,):
+        raise LossShapeError(f"vmap per-sample loss returned shape {tuple(out.shape)}, expected ({n},)")
+    return out
