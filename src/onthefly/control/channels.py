@@ -376,13 +376,12 @@ class TcpClientChannel(Channel):
                 self._sock = sock
                 self._dropped.clear()
                 self.connections += 1
-                reader = threading.Thread(
+                # Started under the lock so `close` never sees a reader it cannot join; the
+                # reader announces the connection itself, so the sink hears it before any line.
+                self._reader = threading.Thread(
                     target=self._read_loop, args=(sock,), name="onthefly-reader", daemon=True
                 )
-                self._reader = reader
-            _stderr(f"dashboard connected on {self.address}")
-            _notify_connection(self._sink, True)
-            reader.start()
+                self._reader.start()
             self._dropped.wait()
             # A connection that dies at once (e.g. the dashboard refuses a second trainer) must
             # not turn into a hot reconnect loop: keep backing off until one lasts.
@@ -393,6 +392,8 @@ class TcpClientChannel(Channel):
                 delay = min(delay * 2, self.reconnect_max)
 
     def _read_loop(self, sock: socket.socket) -> None:
+        _stderr(f"dashboard connected on {self.address}")
+        _notify_connection(self._sink, True)
         decoder = LineDecoder()
         sink = self._sink
         reason = "dashboard closed the connection"
