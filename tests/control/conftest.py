@@ -135,6 +135,10 @@ class LineServer:
         with self.cond:
             listener, self._listener = self._listener, None
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in accept (Linux)
+            except OSError:
+                pass  # not every platform allows shutdown on a listener; close still stops it
             listener.close()
 
     def listen_again(self) -> None:
@@ -145,7 +149,13 @@ class LineServer:
     def close(self) -> None:
         self._stop = True
         self.stop_listening()
-        self.kill()
+        with self.cond:
+            conn = self.conn
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)  # wakes the server thread blocked in recv
+            except OSError:
+                conn.close()  # already dead; closing is all that is left to do
         with self.cond:
             self.cond.notify_all()
         self._thread.join(WAIT)

@@ -214,10 +214,10 @@ class ControlBus:
     def start(self) -> None:
         """Start the writer thread and the channel; events emitted before this are kept."""
         with self._close_lock:
-            if self._started:
-                return
             if self._closed:
                 raise RuntimeError("ControlBus.start() after close()")
+            if self._started:
+                return
             self._started = True
             self._writer = threading.Thread(target=self._write_loop, name="onthefly-writer", daemon=True)
             self._writer.start()
