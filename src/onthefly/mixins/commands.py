@@ -42,6 +42,8 @@ class CommandsMixin:
         self._register_checkpoint_commands(router)
         self._register_test_commands(router)
         self._register_run_commands(router)
+        self._register_feature_commands(router)
+        self._register_fork_merge_commands(router)
 
     # ---- control: pause, resume, stop, set_hparams, reset ------------------------------------
     def _register_control_commands(self, router: CommandRouter) -> None:

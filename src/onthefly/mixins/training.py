@@ -111,6 +111,8 @@ class TrainingMixin:
             if self.scheduler is not None and cfg.scheduler_interval == "step":
                 self.scheduler.step()
             self._record_step(metrics, batch)
+            if self._budget is not None:
+                self.check_fork_budget()
             if ckpt_every and st.step % ckpt_every == 0:
                 self.save_checkpoint()
             if max_steps is not None and st.step >= max_steps:

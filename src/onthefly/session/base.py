@@ -35,6 +35,8 @@ from ..mixins.checkpoint import CheckpointMixin
 from ..mixins.commands import CommandsMixin
 from ..mixins.determinism import DeterminismMixin
 from ..mixins.events import EventsMixin
+from ..mixins.features import FeaturesMixin
+from ..mixins.fork_merge import ForkMergeMixin
 from ..mixins.run_management import RunManagementMixin
 from .config import SessionConfig
 from .state import RunState
@@ -60,7 +62,8 @@ def make_channel(cfg: SessionConfig) -> Channel:
     )
 
 
-class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunManagementMixin, CommandsMixin):
+class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunManagementMixin, ForkMergeMixin,
+                          FeaturesMixin, CommandsMixin):
     """The framework-neutral session. Subclasses decide who drives the batches."""
 
     def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
@@ -82,6 +85,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self.scaler: Any = None
         self.loss_fn: Callable[..., Any] | None = None
         self.train_loader: Any = None
+        self.train_root_loader: Any = None  # the user's loader; forks train on subsets of its dataset
         self.val_loader: Any = None
         self.test_loader: Any = None
         self.device: torch.device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
@@ -109,6 +113,8 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self._init_checkpointing()
         self._init_determinism()
         self._init_run_management()
+        self._init_features()
+        self._init_fork_merge()
         self._register_commands(self.router)
         self.bus.start()
         self.dispatcher.start()

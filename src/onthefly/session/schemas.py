@@ -79,3 +79,120 @@ class TestNow:
 class TestRequest:
     label: str = "manual"
     source: str = "manual"
+
+
+# ---- reports and subsets (mixins/features.py) -------------------------------------------------
+@dataclass
+class GenerateReport:
+    owner_run_id: Optional[str] = alias("runId", "run_id")
+    subset_indices: Optional[list[int]] = None
+    subset_on: str = "val"
+    reqId: Any = None
+    batch_size: Optional[int] = None
+
+
+@dataclass
+class Region:
+    minLoss: Optional[float] = alias("min_loss")
+    maxLoss: Optional[float] = alias("max_loss")
+
+
+@dataclass
+class ExportSubset:
+    run_id: Optional[str] = alias("runId")
+    format: str = "parquet"
+    subset_indices: Optional[list[int]] = None
+    out_path: Optional[str] = None
+    region: Optional[Region] = None
+    subset_on: Optional[str] = None
+
+
+@dataclass
+class SelectedRegion:
+    run_id: Optional[str] = alias("runId")
+    min_loss: Optional[float] = alias("minLoss")
+    max_loss: Optional[float] = alias("maxLoss")
+    subset_on: Optional[str] = None
+
+
+@dataclass
+class ProposeSubsets:
+    run_id: Optional[str] = alias("runId")
+    k: int = 5
+    top_k: Optional[int] = None
+    subset_on: str = "train"
+    with_indices: bool = True
+
+
+# ---- runs: fork, merge, switch (mixins/fork_merge.py, mixins/run_management.py) ---------------
+@dataclass
+class Selection:
+    kind: str = "indices"
+    ids: Optional[list[int]] = None
+    metric: str = "per_sample_loss"
+    from_: Optional[float] = alias("from", default=None)
+    to: Optional[float] = None
+    k: int = 5
+    target_clusters: Optional[list[int]] = None
+    feature: str = "loss"
+    minLoss: Optional[float] = alias("min_loss")
+    maxLoss: Optional[float] = alias("max_loss")
+
+
+@dataclass
+class ForkHparams:
+    lr: Optional[float] = None
+    lr_mul: Optional[float] = None
+    wd_mul: Optional[float] = None
+    batch_size: Optional[int] = None
+    patience: Optional[int] = None
+    max_steps: Optional[int] = None
+    epochs: Optional[int] = None
+
+
+@dataclass
+class Fork:
+    mode: str = "manual"
+    allow_when_paused: Optional[bool] = None
+    parent_run_id: Optional[str] = alias("owner_run_id", "runId")
+    parent_ckpt_path: Optional[str] = None
+    run_name: Optional[str] = None
+    hparams: Optional[ForkHparams] = None
+    selection: Optional[Selection] = None
+    region: Optional[Region] = None
+
+
+@dataclass
+class Merge:
+    parents: Optional[list[str]] = None
+    strategy: str = "swa"
+    paths: Optional[list[str]] = None
+    new_name: Optional[str] = None
+    weights: Optional[list[float]] = None
+    fisher_batches: int = 16
+    density: float = 0.2
+    scale: float = 1.0
+    distill_steps: int = 100
+
+
+@dataclass
+class SwitchRun:
+    run_id: Optional[str] = alias("runId")
+    fork_counter_init: Optional[int] = None
+    merge_counter_init: Optional[int] = None
+    init_ckpt: Optional[str] = alias("ckpt")
+    init_step: Optional[int] = None
+
+
+@dataclass
+class CounterSeeds:
+    fork_counter_init: int = 0
+    merge_counter_init: int = 0
+
+
+@dataclass
+class PrepareExport:
+    dir: Optional[str] = None
+    owners: Optional[list[str]] = None
+    latest_only: bool = False
+    archive: bool = False
