@@ -100,8 +100,7 @@ class Trainer:
                 init_step = os.environ.get("ONTHEFLY_INIT_STEP")
                 if init_step:
                     session.state.step = int(init_step)
-            session.train()
-            session.serve()
+            session.run()
             if session.fatal_error:
                 raise RuntimeError(session.fatal_error)
         finally:

@@ -63,6 +63,8 @@ class CommandsMixin:
         return self.console.pause({"action": "pause", "reason": p.reason})
 
     def cmd_resume(self, p: Empty) -> dict[str, Any]:
+        if not self.state.training and self._reposition and self.state.running:
+            self._restart_requested = True  # serving after training: train the new starting point
         return self.console.resume()
 
     def cmd_stop(self, p: Empty) -> dict[str, Any]:

@@ -107,6 +107,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self._closed = False
         self._fatal: str | None = None
         self._reposition = False
+        self._restart_requested = False
         self._rng_overridden = False
         self._test_lock = threading.Lock()
 
@@ -196,18 +197,24 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self.update_run_manifest(status=status)
         self.emit("trainingFinished", **fields)
 
-    def serve(self, *, timeout: float | None = None) -> None:
-        """After training: keep answering a connected dashboard until it says stop or goes away."""
+    def serve(self, *, timeout: float | None = None) -> bool:
+        """After training: keep answering a connected dashboard until it says stop or goes away.
+
+        Returns True when the dashboard asked to train again (a `resume` after a fork, merge,
+        reset or checkpoint load made a new starting point), False when serving is over.
+        """
         if not self.cfg.serve_after_training or not self.bus.connected or not self.state.running:
-            return
+            return False
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._restart_requested = False
         self.log("training finished; still serving the dashboard (send 'stop' to end)")
 
         def done() -> bool:
             expired = deadline is not None and time.monotonic() >= deadline
-            return expired or not self.state.running or not self.bus.connected
+            return expired or not self.state.running or not self.bus.connected or self._restart_requested
 
         self.gate.serve(until=done)
+        return self._restart_requested and self.state.running
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush everything (events, checkpoints) and release threads, sockets and files."""

@@ -62,6 +62,13 @@ class OnTheFlySession(TrainingMixin, OnTheFlySessionBase):
         self.train_root_loader = train_loader
         self.train_loader = self.prepare_train_loader(train_loader)
 
+    def run(self) -> str:
+        """Train, then serve a connected dashboard; train again whenever it resumes a new run."""
+        status = self.train()
+        while self.serve():
+            status = self.train()
+        return status
+
     def resume_from_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
         """Load a checkpoint before training starts; the loop continues from its step and batch."""
         info = self.load_checkpoint_into_state(path)
