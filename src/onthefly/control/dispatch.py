@@ -71,18 +71,25 @@ class CommandDispatcher:
         except Exception as exc:  # the router wraps handler errors; this is a last line of defence
             self._reply_failure(request, ErrorCode.FAILED, f"{spec.name} failed: {type(exc).__name__}: {exc}", exc)
         else:
-            self.bus.reply(request.id, data)
+            self._reply_data(request, spec, data)
 
     def _reply_from_future(self, request: Request, spec: CommandSpec, future: Future) -> None:
         exc = future.exception()
         if exc is None:
-            self.bus.reply(request.id, future.result())
+            self._reply_data(request, spec, future.result())
         elif isinstance(exc, ProtocolError):
             self._reply_failure(request, exc.code, exc.message, exc)
         elif isinstance(exc, GateClosed):
             self._reply_failure(request, ErrorCode.FAILED, str(exc), exc)
         else:
             self._reply_failure(request, ErrorCode.FAILED, f"{spec.name} failed: {type(exc).__name__}: {exc}", exc)
+
+    def _reply_data(self, request: Request, spec: CommandSpec, data: Any) -> None:
+        """Reply with `data`; a handler may return a Future (e.g. a file still being written)."""
+        if isinstance(data, Future):
+            data.add_done_callback(lambda f: self._reply_from_future(request, spec, f))
+        else:
+            self.bus.reply(request.id, data)
 
     def _reply_failure(self, request: Request, code: str, message: str, exc: BaseException) -> None:
         detail = None
