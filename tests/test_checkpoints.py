@@ -479,3 +479,42 @@ def test_submit_returns_before_the_write_completes(
         release.set()
         writer.close(timeout=30)
     assert load_checkpoint(target)["w"].shape == (256, 1024)
+
+
+def test_writer_refuses_flush_and_close_from_its_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Hold the writer inside the write so the callback is attached before it completes and
+    # therefore runs on the writer thread.
+    release = threading.Event()
+    real_save = checkpoints.save_checkpoint
+
+    def held_save(path, payload, *, meta=None):
+        assert release.wait(timeout=30)
+        return real_save(path, payload, meta=meta)
+
+    monkeypatch.setattr(checkpoints, "save_checkpoint", held_save)
+    writer = CheckpointWriter()
+    seen: list[str] = []
+
+    def inside(done) -> None:
+        for call in (writer.flush, writer.close):
+            try:
+                call(1)
+            except RuntimeError as exc:
+                seen.append(str(exc))
+
+    future = writer.submit(tmp_path / "a.pt", {"step": 1})
+    future.add_done_callback(inside)
+    release.set()
+    writer.close(timeout=30)
+    assert future.result() == tmp_path / "a.pt"
+    assert len(seen) == 2 and all("would deadlock" in text for text in seen)
+
+
+def test_checkpoint_error_forms() -> None:
+    error = CheckpointError(Path("/x/step-00000001.pt"), "is empty (0 bytes)")
+    assert str(error) == "checkpoint /x/step-00000001.pt: is empty (0 bytes)"
+    assert error.path == Path("/x/step-00000001.pt") and error.problem == "is empty (0 bytes)"
+    whole = CheckpointError("/x/a.pt: no model is bound")
+    assert str(whole) == "/x/a.pt: no model is bound" and whole.path is None

@@ -191,7 +191,9 @@ def _restore_cuda_rng(states: list[torch.Tensor]) -> None:
 # Host snapshots and the weights-only check
 # --------------------------------------------------------------------------------------------
 
-IMMUTABLE_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+IMMUTABLE_LEAVES = (
+    type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device
+)
 
 
 def snapshot_to_host(obj: Any) -> Any:
@@ -245,7 +247,6 @@ def _snapshot(obj: Any, cuda_devices: set[int], memo: dict[int, torch.Tensor]) -
 
 
 SAFE_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-SAFE_CONTAINERS = (dict, collections.OrderedDict, list, tuple, set)
 SAFE_LEAVES = (
     type(None),
     bool,
@@ -592,12 +593,12 @@ class CheckpointWriter:
 
     def close(self, timeout: float | None = None) -> None:
         """Finish the queued writes, then stop the thread; TimeoutError if it takes too long."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("CheckpointWriter.close() called from the writer thread would deadlock")
         with self._state:
             if not self._closed:
                 self._closed = True
                 self._jobs.put(None)
-        if threading.current_thread() is self._thread:
-            raise RuntimeError("CheckpointWriter.close() called from the writer thread would deadlock")
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(
