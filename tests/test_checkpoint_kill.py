@@ -41,16 +41,14 @@ def write_until_killed(folder: str, ready) -> None:
     torch.set_num_threads(1)
     ring = CheckpointRing(folder, keep=KEEP)
     writer = CheckpointWriter()
-    layer = torch.nn.Linear(SIDE, SIDE, bias=True)
+    model = {"weight": torch.empty(SIDE, SIDE), "bias": torch.empty(SIDE)}
     step = 0
     while True:
         step += 1
-        with torch.no_grad():
-            layer.weight.fill_(float(step))
-            layer.bias.fill_(float(-step))
-        payload = snapshot_to_host(
-            {"model": layer.state_dict(), "step": step, "rng": capture_rng_state()}
-        )
+        # Every tensor holds its step, so a file mixing two writes would be caught.
+        model["weight"].fill_(float(step))
+        model["bias"].fill_(float(-step))
+        payload = snapshot_to_host({"model": model, "step": step, "rng": capture_rng_state()})
         future = writer.submit(ring.path_for(step), payload, meta={"step": step})
         future.add_done_callback(lambda done: ring.register(done.result()))
         if step == 1:
@@ -70,7 +68,7 @@ def test_sigkill_never_leaves_a_partial_checkpoint(tmp_path: Path) -> None:
         child.start()
         try:
             assert ready.wait(timeout=60), f"round {index}: the writer never started"
-            time.sleep(delays.uniform(0.0, 0.25))
+            time.sleep(delays.uniform(0.0, 0.2))
             os.kill(child.pid, signal.SIGKILL)
             child.join(timeout=30)
         finally:
