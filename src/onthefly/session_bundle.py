@@ -360,11 +360,16 @@ def _move_into_place(built: Path, target: Path, overwrite: bool) -> None:
         if not overwrite:
             raise BundleError(target, "already exists; pass overwrite=True to replace it")
         old = target.with_name(f".{target.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-        os.rename(target, old)
+        try:
+            os.rename(target, old)
+        except OSError as exc:
+            raise BundleError(target, f"could not be moved aside to be replaced ({exc})") from exc
         try:
             os.rename(built, target)
-        except BaseException:
+        except BaseException as exc:
             os.rename(old, target)
+            if isinstance(exc, OSError):
+                raise BundleError(target, f"could not be replaced ({exc}); the old one was kept") from exc
             raise
         _remove_tree(old)
     else:
