@@ -16,6 +16,7 @@ This module is pure Python; it must not import torch.
 
 from __future__ import annotations
 
+import abc
 import ipaddress
 import json
 import logging
@@ -241,7 +242,7 @@ class _GapFill:
 _STOP = object()
 
 
-class DashboardBase:
+class DashboardBase(abc.ABC):
     """The shared engine: requests and replies, ordered exactly-once events, callbacks.
 
     Subclasses provide the transport (`start`, `_close_transport`) and hand each new trainer
@@ -279,9 +280,9 @@ class DashboardBase:
 
     # ------------------------------------------------------------------ lifecycle
 
+    @abc.abstractmethod
     def start(self) -> DashboardBase:
-        """Open the transport; subclasses implement it and return self."""
-        raise TypeError(f"{type(self).__name__} does not define start(); use a concrete dashboard")
+        """Open the transport and return self."""
 
     def _close_transport(self) -> None:
         """Stop accepting or producing new trainer streams (subclass hook)."""
