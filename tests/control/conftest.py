@@ -23,10 +23,8 @@ class LineServer:
     `on_line(server, line)` is called on the server thread for each line (for gap-fill logic).
     """
 
-    def __init__(self, on_line: Callable[["LineServer", str], None] | None = None,
-                 on_accept: Callable[["LineServer"], None] | None = None) -> None:
+    def __init__(self, on_line: Callable[["LineServer", str], None] | None = None) -> None:
         self.on_line = on_line
-        self.on_accept = on_accept
         self.lines: list[str] = []
         self.accepted = 0
         self.cond = threading.Condition()
@@ -61,8 +59,6 @@ class LineServer:
                 self.conn = conn
                 self.accepted += 1
                 self.cond.notify_all()
-            if self.on_accept is not None:
-                self.on_accept(self)
             self._read(conn)
 
     def _read(self, conn: socket.socket) -> None:
@@ -79,6 +75,8 @@ class LineServer:
             for raw in complete:
                 line = raw.decode("utf-8")
                 with self.cond:
+                    if self.conn is not conn:
+                        break  # killed by on_line: the rest of this read is lost, as in a crash
                     self.lines.append(line)
                     self.cond.notify_all()
                 if self.on_line is not None:
@@ -119,7 +117,7 @@ class LineServer:
     def kill(self) -> None:
         """Abort the current connection with a RST (data in flight is lost)."""
         with self.cond:
-            conn = self.conn
+            conn, self.conn = self.conn, None
         if conn is not None:
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             conn.close()

@@ -179,7 +179,7 @@ def _notify_connection(sink: LineSink | None, connected: bool) -> None:
 
 def _stderr(message: str) -> None:
     try:
-        print(f"[onthefly] {message}", file=sys.__stderr__ or sys.stderr, flush=True)
+        print(f"[onthefly] {message}", file=sys.stderr, flush=True)
     except (OSError, ValueError) as exc:  # stderr closed: nowhere left to report; use logging
         log.debug("could not write to stderr (%s): %s", exc, message)
 
