@@ -20,6 +20,16 @@ _LAZY: dict[str, tuple[str, str]] = {
     "CheckpointError": (".checkpoints", "CheckpointError"),
     "ProtocolError": (".control.errors", "ProtocolError"),
     "DashboardServer": (".client", "DashboardServer"),
+    "ProcessDashboard": (".client", "ProcessDashboard"),
+    "RequestError": (".client", "RequestError"),
+    "export_session": (".session_bundle", "export_session"),
+    "import_session": (".session_bundle", "import_session"),
+    "verify_bundle": (".session_bundle", "verify_bundle"),
+    "BundleError": (".session_bundle", "BundleError"),
+    "merge_state_dicts": (".merging", "merge_state_dicts"),
+    "MergeError": (".merging", "MergeError"),
+    "compute_per_sample_losses": (".data_explorer", "compute_per_sample_losses"),
+    "export_subset_table": (".data_explorer", "export_subset_table"),
 }
 
 __all__ = ["__version__", *_LAZY]

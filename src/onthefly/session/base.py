@@ -109,6 +109,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self._reposition = False
         self._restart_requested = False
         self._rng_overridden = False
+        self._loop_thread: threading.Thread | None = None
         self._test_lock = threading.Lock()
 
         self._init_checkpointing()
@@ -145,9 +146,36 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
             self._rng_overridden = False
 
     def request_reposition(self) -> None:
-        """Ask the loop to re-open its epoch iterator from `state` (after a load or reset)."""
+        """Ask the loop to re-open its epoch iterator from `state` (after a load, reset, fork, merge).
+
+        The RNG is left as the command set it, and the old epoch's start state is forgotten, so a
+        checkpoint taken now resumes exactly where the loop will continue.
+        """
         self._reposition = True
         self._rng_overridden = True
+        self._epoch_start = None
+
+    def call(self, cmd: str, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
+        """Run a command from Python, exactly as if a dashboard had sent it; returns its reply data.
+
+        From another thread while a loop trains, the command waits for the next batch boundary;
+        otherwise it runs right here. Errors raise `ProtocolError` (with the wire's `code`).
+        """
+        from concurrent.futures import Future as _Future
+
+        from ..control.envelope import Request
+
+        spec, validated = self.router.validate(Request(id=None, cmd=cmd, payload=payload or {}))
+        if spec.mutating and self.state.training and threading.current_thread() is not self._loop_thread:
+            result = self.gate.submit(lambda: self.router.execute(spec, validated), name=cmd).result(timeout)
+        elif spec.mutating:
+            with self._job_context(cmd):
+                result = self.router.execute(spec, validated)
+        else:
+            result = self.router.execute(spec, validated)
+        if isinstance(result, _Future):
+            result = result.result(timeout)
+        return result
 
     def tick(self) -> bool:
         """Call at every batch boundary; runs pending commands (and blocks while paused).
@@ -168,6 +196,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self.state.running = True
         self.state.training = True
         self.state.status = "running"
+        self._loop_thread = threading.current_thread()
         self._finished = False
         if self.gate.closed:
             self.gate.reopen()
