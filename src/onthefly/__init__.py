@@ -30,6 +30,10 @@ _LAZY: dict[str, tuple[str, str]] = {
     "MergeError": (".merging", "MergeError"),
     "compute_per_sample_losses": (".data_explorer", "compute_per_sample_losses"),
     "export_subset_table": (".data_explorer", "export_subset_table"),
+    "attach": (".attach", "attach"),
+    "attach_lightning": (".integrations.lightning", "attach_lightning"),
+    "OnTheFlyExternalSession": (".session.external", "OnTheFlyExternalSession"),
+    "FrameworkDelegate": (".integrations.base", "FrameworkDelegate"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -1,0 +1,199 @@
+"""`onthefly.attach`: a dashboard for a plain PyTorch loop you keep writing yourself.
+
+Two lines::
+
+    session = onthefly.attach(model=model, optimizer=opt, loss_fn=loss_fn, train_loader=train_loader)
+    for epoch in range(epochs):
+        for x, y in train_loader:
+            opt.zero_grad(); loss = loss_fn(model(x), y); loss.backward(); opt.step()
+            if not session.step(loss):      # reports the step; pauses/commands happen here
+                break
+
+`session.step(loss)` is the batch boundary: it counts the step, queues a `trainStep` event (the
+loss stays on its device; no host sync), and runs any pending command right there, on your
+thread, between two optimizer steps. While the dashboard holds the run paused, `step()` simply
+does not return. It returns False after a `stop`.
+
+Epochs end by themselves when `train_loader` has a length (or call `session.end_epoch()`), and the
+run is reported finished when the `with` block or the program ends (or call `session.finish()`).
+"""
+
+from __future__ import annotations
+
+import sys
+from types import TracebackType
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .control.channels import Channel
+from .session.config import SessionConfig
+from .session.external import OnTheFlyExternalSession
+
+
+class OwnLoopSession(OnTheFlyExternalSession):
+    """The session `attach()` returns: `step()` per batch, `end_epoch()`, `finish()`."""
+
+    def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
+                 **overrides: Any) -> None:
+        super().__init__(config, channel=channel, **overrides)
+        self._epoch_len: int | None = None
+        self._batch_size = 0
+        self._crash: BaseException | None = None
+        self._previous_excepthook: Callable[..., Any] | None = None
+        self._epoch_full = False  # the last batch of the epoch was reported; epoch_end is still due
+
+    # ---- the per-batch call ------------------------------------------------------------------
+    def step(self, loss: Any = None, **metrics: Any) -> bool:
+        """Report one optimizer step (call it after `optimizer.step()`) and honour the dashboard.
+
+        `loss` (a tensor stays on its device) and any other metrics (`accuracy=...`) go into the
+        step's `trainStep` event. Returns False once the run was asked to stop.
+        """
+        if self._epoch_full:
+            self._close_epoch(None)
+        if loss is not None:
+            metrics["loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
+        self.record_step(metrics, samples=self._batch_size)
+        if self.gate.pending:
+            self.at_boundary()
+        if self._epoch_len is not None and self.state.batch_in_epoch >= self._epoch_len:
+            self._epoch_full = True
+        if self.state.running:
+            return True
+        self._forward_stop()
+        return False
+
+    def end_epoch(self, val_loss: Any = None, *, epoch: int | None = None) -> None:
+        """End the epoch, optionally with its validation loss; emits one `epoch_end`.
+
+        With a sized `train_loader` epochs also end by themselves (at the next `step()`), so
+        calling this after every epoch, with or without a validation loss, is always right.
+        """
+        if epoch is not None:
+            raise TypeError("OwnLoopSession counts epochs itself; call end_epoch() without epoch=")
+        if self._epoch_full or self.state.batch_in_epoch > 0:
+            self._close_epoch(val_loss)
+        elif val_loss is not None:
+            self.note_validation(val_loss)
+
+    def _close_epoch(self, val_loss: Any) -> None:
+        self._epoch_full = False
+        if val_loss is not None:
+            self.note_validation(val_loss)
+        super().end_epoch(val_loss)
+        self._epoch_len = _length(self.train_loader)
+
+    # ---- the end -------------------------------------------------------------------------------
+    def finish(self, status: str | None = None, error: BaseException | str | None = None) -> None:
+        """Report the end of training (`trainingFinished`), run the final test if configured, flush.
+
+        `status` defaults to "stopped" after a `stop` command, else "completed".
+        """
+        if self._finished or not self._started:
+            return
+        if status is None:
+            status = "completed" if self.state.running else "stopped"
+        if self._epoch_full:
+            self._close_epoch(None)
+        if status == "completed" and self.cfg.do_test_after and self.test_loader is not None:
+            self.run_labeled_test_and_ckpt("final", source="auto")
+        self.after_training(status, error)
+        self.serve()
+        self.release_loop()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Finish (if not done yet) and release threads, sockets and files."""
+        if self._closed:
+            return
+        if self._previous_excepthook is not None and sys.excepthook == self._record_crash:
+            sys.excepthook = self._previous_excepthook
+        if self._started and not self._finished:
+            crash = self._crash
+            if crash is None:
+                self.finish()
+            else:
+                self.finish("stopped" if isinstance(crash, KeyboardInterrupt) else "failed", crash)
+        super().close(timeout)
+
+    def __enter__(self) -> OwnLoopSession:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc is not None and not self._finished:
+            self.finish("stopped" if isinstance(exc, KeyboardInterrupt) else "failed", exc)
+        self.close()
+
+    def _record_crash(self, exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None) -> None:
+        """sys.excepthook: remember an uncaught error so the exit handler reports the run as failed."""
+        self._crash = exc
+        previous = self._previous_excepthook or sys.__excepthook__
+        previous(exc_type, exc, tb)
+
+    def install_exit_handlers(self) -> None:
+        """Report the run's end even if the script never calls `finish()` (at exit, or on an uncaught error)."""
+        self.close_at_exit()
+        self._previous_excepthook = sys.excepthook
+        sys.excepthook = self._record_crash
+
+    def start(self, train_loader: Any) -> None:
+        self._epoch_len = _length(train_loader)
+        self._batch_size = int(getattr(train_loader, "batch_size", None) or 0)
+        self.before_training()
+
+
+def _length(loader: Any) -> int | None:
+    if loader is None:
+        return None
+    try:
+        n = len(loader)
+    except TypeError:  # an iterable without a length: epochs end only through end_epoch()
+        return None
+    return n if n > 0 else None
+
+
+def attach(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer] | None = None,
+    loss_fn: Callable[..., Any] | None = None,
+    train_loader: Any = None,
+    val_loader: Any = None,
+    test_loader: Any = None,
+    scheduler: Any = None,
+    device: str | torch.device | None = None,
+    project: str = "default",
+    run_name: str = "baseline",
+    transport: str | None = None,
+    save_dir: str | None = None,
+    dashboard_port: int | None = None,
+    channel: Channel | None = None,
+    model_factory: Callable[[], nn.Module] | None = None,
+    embedding_hook: Callable[..., Any] | None = None,
+    **settings: Any,
+) -> OwnLoopSession:
+    """Connect a hand-written training loop to a dashboard; returns the session to call `step()` on.
+
+    Nothing about the loop changes: the model is not moved, the loaders are not replaced. The
+    session starts at once (`session_started`, `newRun`), takes commands from then on, and runs
+    the mutating ones inside `session.step()`. Other `SessionConfig` settings (for example
+    `log_every_n_steps`, `do_test_after`, `ckpt_keep`) may be passed as keywords.
+    """
+    settings.setdefault("serve_after_training", False)
+    config = SessionConfig(project=project, run_name=run_name, transport=transport, save_dir=save_dir,
+                           dashboard_port=dashboard_port, **settings)
+    session = OwnLoopSession(config, channel=channel)
+    try:
+        session.bind_runtime(model, optimizer, scheduler, device)
+        session.configure_loss_fn(loss_fn)
+        session.configure_loaders(train_loader, val_loader, test_loader)
+        session.model_factory = model_factory
+        session.embedding_hook = embedding_hook
+        session.start(train_loader)
+    except BaseException:
+        session.close()
+        raise
+    session.install_exit_handlers()
+    return session

@@ -1,0 +1,478 @@
+"""Lightning: `attach_lightning`, the callback that marks batch boundaries, and the delegate.
+
+    trainer = L.Trainer(max_epochs=3)
+    session = onthefly.attach_lightning(trainer=trainer, model=model, project="demo")
+    trainer.fit(model, train_loader, val_loader)      # unchanged
+
+The callback reports each optimizer step from what Lightning already computed (the step's
+output loss and `trainer.callback_metrics`; never an extra forward pass) and calls the session's
+boundary hook in `on_train_batch_end` once an optimizer step has completed, so with gradient
+accumulation the run only pauses where no gradients are half accumulated. Every mutating command
+therefore runs on Lightning's training thread between two optimizer steps.
+
+Tests run Lightning's real `Trainer.test` (so `test_step` and `on_test_end` fire) on a second,
+quiet `Trainer` that shares the module: Lightning cannot run `test` from inside `fit`. The
+module's trainer, device and train/eval modes, and torch's determinism flags, are restored after.
+
+This module imports Lightning; `import onthefly` never does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from ..checkpoints import CheckpointError, fsync_directory
+from ..control.channels import Channel
+from ..control.errors import CommandError, ErrorCode
+from ..data_explorer.batches import batch_size_of
+from ..session.config import SessionConfig
+from ..session.external import OnTheFlyExternalSession
+from .base import FrameworkDelegate, TestOutcome
+
+__all__ = ["LightningDelegate", "OnTheFlyCallback", "attach_lightning", "canonical_metric_name"]
+
+_LOSS_NAMES = {"loss", "train_loss", "training_loss", "train_loss_step", "loss_step"}
+_VAL_LOSS_NAMES = {"val_loss", "valid_loss", "validation_loss", "val_loss_epoch"}
+_ACCURACY_NAMES = {"acc", "accuracy", "train_acc", "train_accuracy", "acc_step", "train_acc_step",
+                   "accuracy_step", "train_accuracy_step"}
+_TEST_LOSS_NAMES = ("test_loss", "test_loss_epoch", "loss", "test/loss")
+
+
+def canonical_metric_name(name: str) -> str:
+    """Lightning's logged names mapped onto the dashboard's: loss, val_loss, accuracy (others unchanged)."""
+    key = name.lower().replace("/", "_").replace(".", "_").replace("-", "_")
+    if key in _LOSS_NAMES:
+        return "loss"
+    if key in _VAL_LOSS_NAMES:
+        return "val_loss"
+    if key in _ACCURACY_NAMES:
+        return "accuracy"
+    return name
+
+
+def _loss_of(outputs: Any) -> torch.Tensor | None:
+    """The loss in a step's output (a tensor, or a dict with "loss"), detached; None if there is none."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    if isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+        if isinstance(loss, torch.Tensor):
+            return loss.detach()
+    return None
+
+
+class _TorchFlags:
+    """torch's global determinism switches, which constructing a `Trainer` may change."""
+
+    def __init__(self) -> None:
+        self.deterministic = torch.are_deterministic_algorithms_enabled()
+        self.warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+        self.cudnn_deterministic = torch.backends.cudnn.deterministic
+        self.cudnn_benchmark = torch.backends.cudnn.benchmark
+        self.cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+    def restore(self) -> None:
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
+        torch.backends.cudnn.deterministic = self.cudnn_deterministic
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        if self.cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = self.cublas
+
+
+class _TestEvents(Callback):
+    """On the test `Trainer`: one `testStep` event per test batch, from the step's own output."""
+
+    def __init__(self) -> None:
+        self.session: OnTheFlyExternalSession | None = None
+        self.losses: list[torch.Tensor] = []
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.losses = []
+
+    def on_test_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                          batch_idx: int, dataloader_idx: int = 0) -> None:
+        loss = _loss_of(outputs)
+        if loss is None and isinstance(outputs, Mapping):
+            loss = _loss_of({"loss": outputs.get("test_loss")})
+        if loss is not None:
+            self.losses.append(loss.float().mean())
+        if self.session is not None:
+            self.session.emit("testStep", step=len(self.losses) if loss is not None else batch_idx + 1, loss=loss)
+
+    def mean_loss(self) -> float | None:
+        if not self.losses:
+            return None
+        return float(torch.stack([t.to(self.losses[0].device) for t in self.losses]).mean().item())
+
+
+class LightningDelegate(FrameworkDelegate):
+    """Translates session requests into Lightning: stop, test, checkpoints, a new train loader."""
+
+    def __init__(self, trainer: pl.Trainer, *, datamodule: Any = None, test_loader: Any = None,
+                 native_checkpoints: bool = True) -> None:
+        if not isinstance(trainer, pl.Trainer):
+            raise TypeError(
+                f"attach_lightning needs a lightning.pytorch.Trainer, got {type(trainer).__module__}."
+                f"{type(trainer).__qualname__} (the separate 'pytorch_lightning' package is not supported)"
+            )
+        self.trainer = trainer
+        self.datamodule = datamodule
+        self.test_loader = test_loader
+        self.native_checkpoints = native_checkpoints
+        self.callback = OnTheFlyCallback(self)
+        self._tester: pl.Trainer | None = None
+        self._test_events = _TestEvents()
+        self._pending_loader: Any = None
+
+    # ---- attach ----------------------------------------------------------------------------
+    def attach(self, session: OnTheFlyExternalSession) -> None:
+        """Add the callback to the trainer, before any checkpoint callback (which should run last)."""
+        super().attach(session)
+        self._test_events.session = session
+        callbacks = self.trainer.callbacks
+        if any(cb is self.callback for cb in callbacks):
+            return
+        position = next((i for i, cb in enumerate(callbacks) if isinstance(cb, Checkpoint)), len(callbacks))
+        callbacks.insert(position, self.callback)
+
+    @property
+    def module(self) -> pl.LightningModule:
+        module = self.trainer.lightning_module
+        if module is None:
+            raise CommandError("the Lightning trainer has no module yet (fit() has not started)", ErrorCode.NOT_FOUND)
+        return module
+
+    # ---- stop --------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Lightning ends `fit` after the current batch once `should_stop` is set."""
+        self.trainer.should_stop = True
+
+    # ---- data --------------------------------------------------------------------------------
+    def refresh_train_loader(self, loader: Any) -> None:
+        """Lightning iterates its own copy of the loader: switch to `loader` from the next epoch."""
+        fit_loop = self.trainer.fit_loop
+        source = getattr(fit_loop, "_data_source", None)
+        if source is None or not hasattr(source, "instance") or not hasattr(fit_loop, "_combined_loader"):
+            raise CommandError(
+                f"this Lightning version ({pl.__version__}) does not let onthefly swap the train loader "
+                "during fit", ErrorCode.FAILED)
+        super().refresh_train_loader(loader)
+        self._pending_loader = loader
+        if self.session is not None:
+            self.session.log("[data] the new train loader takes effect at the next epoch")
+
+    def apply_pending_loader(self) -> None:
+        """At an epoch end: make Lightning set its train data up again from the new loader."""
+        loader, self._pending_loader = self._pending_loader, None
+        if loader is None:
+            return
+        fit_loop = self.trainer.fit_loop
+        fetcher = getattr(fit_loop, "_data_fetcher", None)
+        if fetcher is not None:
+            fetcher.teardown()  # stop the old loader's workers now rather than at garbage collection
+            fit_loop._data_fetcher = None
+        fit_loop._data_source.instance = loader
+        fit_loop._combined_loader = None
+
+    # ---- tests -------------------------------------------------------------------------------
+    def run_test(self, label: str) -> TestOutcome | None:
+        """Lightning's real `Trainer.test` on the module (None if it defines no `test_step`)."""
+        module = self.module
+        if not is_overridden("test_step", module):
+            return None
+        trainer = self.trainer
+        if trainer.world_size > 1:
+            raise CommandError(
+                f"test_now is not supported under the multi-process strategy {type(trainer.strategy).__name__}",
+                ErrorCode.FAILED)
+        loader, datamodule = self._test_source(module)
+        tester = self._test_trainer()
+        flags = _TorchFlags()
+        modes = [(m, m.training) for m in module.modules()]
+        dm_trainer = getattr(datamodule, "trainer", None) if datamodule is not None else None
+        try:
+            results = tester.test(module, dataloaders=loader, datamodule=datamodule, verbose=False)
+        finally:
+            module.trainer = trainer
+            if datamodule is not None:
+                datamodule.trainer = dm_trainer
+            module.to(trainer.strategy.root_device)  # the test trainer's teardown moved it to the CPU
+            for m, training in modes:
+                m.training = training
+            flags.restore()
+        metrics: dict[str, float] = {}
+        for result in results or []:
+            for key, value in result.items():
+                metrics[key] = float(value)
+        avg = next((metrics[k] for k in _TEST_LOSS_NAMES if k in metrics), None)
+        if avg is None:
+            avg = next((v for k, v in metrics.items() if "loss" in k.lower()), None)
+        if avg is None:
+            avg = self._test_events.mean_loss()
+        return TestOutcome(avg, metrics)
+
+    def _test_source(self, module: pl.LightningModule) -> tuple[Any, Any]:
+        """(test loader, datamodule) for `Trainer.test`: an explicit loader, a datamodule's, or the module's hook."""
+        if self.test_loader is not None:
+            return self.test_loader, None
+        dm = self.datamodule if self.datamodule is not None else self.trainer.datamodule
+        if dm is not None and is_overridden("test_dataloader", dm):
+            return None, dm
+        if is_overridden("test_dataloader", module):
+            return None, None
+        raise CommandError(
+            "no test data: pass test_loader= to attach_lightning, or define test_dataloader() on the "
+            "module or datamodule", ErrorCode.NOT_FOUND)
+
+    def _test_trainer(self) -> pl.Trainer:
+        """A quiet `Trainer` on the same device and precision, built once (flags restored after)."""
+        if self._tester is not None:
+            return self._tester
+        fit = self.trainer
+        device = fit.strategy.root_device
+        if device.type == "cuda":
+            accelerator, devices = "gpu", [device.index or 0]
+        else:
+            accelerator, devices = device.type, 1
+        flags = _TorchFlags()
+        try:
+            self._tester = pl.Trainer(
+                accelerator=accelerator, devices=devices, precision=fit.precision,
+                logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, callbacks=[self._test_events],
+                deterministic="warn" if flags.warn_only else flags.deterministic,
+                benchmark=flags.cudnn_benchmark, default_root_dir=fit.default_root_dir,
+                limit_test_batches=fit.limit_test_batches, inference_mode=fit.test_loop.inference_mode,
+            )
+        finally:
+            flags.restore()
+        return self._tester
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    def save_checkpoint(self, path: Path) -> Path | None:
+        """`Trainer.save_checkpoint` into a temp file beside `path`, fsync, rename (it is not atomic itself)."""
+        if not self.native_checkpoints:
+            return None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            self.trainer.save_checkpoint(temp)
+            with open(temp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(temp, path)
+            fsync_directory(path.parent)
+        except BaseException:
+            if temp.exists():
+                temp.unlink()
+            raise
+        return path
+
+    def load_checkpoint(self, path: Path, document: dict[str, Any]) -> dict[str, Any] | None:
+        """Restore a Lightning `.ckpt`: weights, every optimizer and scheduler, precision state, step."""
+        if document.get("format") != "lightning":
+            return None
+        module, trainer = self.module, self.trainer
+        state_dict = document.get("state_dict")
+        if not isinstance(state_dict, dict):
+            raise CheckpointError(path, "Lightning checkpoint has no 'state_dict'")
+        module.on_load_checkpoint(document)
+        try:
+            module.load_state_dict(state_dict, strict=module.strict_loading)
+        except RuntimeError as exc:
+            raise CheckpointError(path, f"Lightning weights do not fit this module: {exc}") from exc
+        try:
+            for optimizer, state in zip(trainer.optimizers, document.get("optimizer_states") or []):
+                optimizer.load_state_dict(state)
+            for config, state in zip(trainer.lr_scheduler_configs, document.get("lr_schedulers") or []):
+                config.scheduler.load_state_dict(state)
+            precision_key = type(trainer.precision_plugin).__qualname__
+            if precision_key in document:
+                trainer.precision_plugin.load_state_dict(document[precision_key])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(path, f"optimizer/scheduler state does not fit: {exc}") from exc
+        session = self.session
+        step, epoch = int(document.get("global_step", 0)), int(document.get("epoch", 0))
+        if session is not None:
+            session.state.step, session.state.epoch, session.state.batch_in_epoch = step, epoch, 0
+        return {"path": str(path), "step": step, "epoch": epoch, "last_val_loss": None}
+
+
+class OnTheFlyCallback(Callback):
+    """Reports Lightning's progress to the session and gives it the batch boundaries."""
+
+    def __init__(self, delegate: LightningDelegate) -> None:
+        self.delegate = delegate
+        self._seen_step = -1
+        self._loss_sum: torch.Tensor | None = None
+        self._loss_count = 0
+        self._samples = 0
+        self._epoch_val: float | None = None
+
+    @property
+    def session(self) -> OnTheFlyExternalSession:
+        session = self.delegate.session
+        if session is None:
+            raise RuntimeError("OnTheFlyCallback is not attached to a session (use onthefly.attach_lightning)")
+        return session
+
+    @property
+    def state_key(self) -> str:
+        return "onthefly"
+
+    # ---- start -------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        session = self.session
+        session.bind_runtime(pl_module, list(trainer.optimizers), schedulers, trainer.strategy.root_device)
+        session.scaler = trainer.scaler
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        session = self.session
+        session.configure_loaders(
+            train_loader=trainer.train_dataloader if session.train_root_loader is None else None,
+            val_loader=trainer.val_dataloaders if session.val_loader is None else None,
+        )
+        self._seen_step = trainer.global_step
+        self._reset_accumulation()
+        session.record_position(trainer.global_step, trainer.current_epoch)
+        session.before_training()
+        self.delegate.boundary_hook()  # commands sent before fit run before the first batch
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._epoch_val = None
+
+    # ---- the hot path --------------------------------------------------------------------------
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = _loss_of(outputs)
+        if loss is not None:
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
+        self._samples += batch_size_of(batch)
+        step = trainer.global_step
+        if step == self._seen_step:
+            return  # gradients are still being accumulated: not a safe boundary
+        self._seen_step = step
+        metrics: dict[str, Any] = {}
+        if self._loss_sum is not None:
+            metrics["loss"] = self._loss_sum if self._loss_count == 1 else self._loss_sum / self._loss_count
+        self.session.record_step(metrics, step=step, epoch=trainer.current_epoch, batch_in_epoch=batch_idx + 1,
+                                 samples=self._samples, more_metrics=lambda: _logged_metrics(trainer))
+        self._reset_accumulation()
+        self.delegate.boundary_hook()
+
+    def _reset_accumulation(self) -> None:
+        self._loss_sum, self._loss_count, self._samples = None, 0, 0
+
+    # ---- validation and epochs -----------------------------------------------------------------
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        for name, value in trainer.callback_metrics.items():
+            if canonical_metric_name(name) == "val_loss":
+                self._epoch_val = float(value)
+                self.session.note_validation(self._epoch_val, epoch=trainer.current_epoch)
+                return
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.session.end_epoch(self._epoch_val, epoch=trainer.current_epoch)
+        self.delegate.apply_pending_loader()
+
+    # ---- the end -------------------------------------------------------------------------------
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        session = self.session
+        status = "completed" if session.state.running else "stopped"
+        if status == "completed" and session.cfg.do_test_after:
+            if is_overridden("test_step", pl_module) or session.test_loader is not None:
+                session.run_labeled_test_and_ckpt("final", source="auto")
+        session.after_training(status)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        session = self.session
+        session.serve()
+        session.release_loop()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        session = self.session
+        status = "stopped" if isinstance(exception, KeyboardInterrupt) else "failed"
+        session.after_training(status, exception)
+        session.release_loop()
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """Tag Lightning's own checkpoints with the run they belong to (plain values only)."""
+        session = self.session
+        checkpoint["onthefly"] = {
+            "project": session.cfg.project, "run_id": session.cfg.run_name, "session_id": session.session_id,
+            "step": int(session.state.step), "epoch": int(session.state.epoch),
+        }
+
+
+def _logged_metrics(trainer: pl.Trainer) -> dict[str, Any]:
+    """What the module logged this step, under the dashboard's names (device tensors, not read here)."""
+    out: dict[str, Any] = {}
+    for name, value in trainer.callback_metrics.items():
+        key = canonical_metric_name(name)
+        if key == "val_loss":
+            continue  # reported from the last validation, not per step
+        out.setdefault(key, value)
+    return out
+
+
+def attach_lightning(
+    *,
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    project: str = "default",
+    run_name: str = "baseline",
+    train_loader: Any = None,
+    val_loader: Any = None,
+    test_loader: Any = None,
+    loss_fn: Callable[..., Any] | None = None,
+    do_test_after: bool = False,
+    datamodule: Any = None,
+    transport: str | None = None,
+    save_dir: str | None = None,
+    dashboard_port: int | None = None,
+    channel: Channel | None = None,
+    native_checkpoints: bool = True,
+    **settings: Any,
+) -> OnTheFlyExternalSession:
+    """Connect a Lightning `Trainer` to a dashboard; then call `trainer.fit(model, ...)` as usual.
+
+    Loaders are only needed for the session's own features (tests, subset forks, scans); by
+    default they are taken from what `fit` receives. `test_loader` (or a datamodule's or the
+    module's `test_dataloader`) is what `test_now` and `do_test_after` run Lightning's `test` on.
+    `loss_fn` is used only for modules without a `test_step`. `native_checkpoints` makes
+    `save_ckpt` also write a Lightning `.ckpt`. Other `SessionConfig` settings may be passed.
+    """
+    if not isinstance(model, pl.LightningModule):
+        raise TypeError(f"model must be a lightning.pytorch.LightningModule, got {type(model).__name__}")
+    settings.setdefault("serve_after_training", False)
+    config = SessionConfig(project=project, run_name=run_name, do_test_after=do_test_after, transport=transport,
+                           save_dir=save_dir, dashboard_port=dashboard_port, **settings)
+    delegate = LightningDelegate(trainer, datamodule=datamodule, test_loader=test_loader,
+                                 native_checkpoints=native_checkpoints)
+    session = OnTheFlyExternalSession(config, channel=channel)
+    try:
+        session.bind_runtime(model)
+        session.configure_loss_fn(loss_fn)
+        session.configure_loaders(train_loader, val_loader, test_loader, datamodule)
+        session.attach_framework(delegate)
+    except BaseException:
+        session.close()
+        raise
+    session.close_at_exit()
+    return session
