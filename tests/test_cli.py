@@ -128,6 +128,10 @@ def test_format_reply_lines():
     assert format_reply("server_info", {"version": "0.2.0", "device": "cpu", "capabilities": ["pause", "fork"]}) == \
         "server: onthefly 0.2.0  device cpu  capabilities: pause, fork"
     assert format_reply("set_hparams", {"lr": 0.01}) == "hyperparameters now: lr=0.01"
+    assert format_reply("set_hparams", {"param_groups": [{"lr": 0.01, "momentum": 0.9}], "grad_clip_norm": None}) == \
+        "hyperparameters now:\n  group 0: lr=0.01  momentum=0.9\n  grad_clip_norm=null"
+    assert format_event({"type": "hparams_changed", "changes": {"lr": 0.01}, "hparams": {}}) == \
+        "hyperparameters changed: lr=0.01"
     assert format_reply("list_runs", {"runs": [{"run_id": "a", "status": "running"}]}) == \
         "runs (1):\n  a  status=running"
     assert format_reply("spill_all", []) == "spill_all: []"
@@ -398,6 +402,11 @@ RUN_SCRIPT = textwrap.dedent(
                 out({"id": msg["id"], "ok": True, "data": {"status": "stopping"}})
                 break
     emit(type="trainingFinished", status="completed", step=1)
+    if "--serve" in sys.argv:  # like the real session: keep serving until the dashboard goes away
+        for line in sys.stdin:
+            pass
+        print("stdin closed; exiting", file=sys.stderr, flush=True)
+        sys.exit(0)
     sys.exit(3)
     """
 )
@@ -418,6 +427,19 @@ def test_run_in_process_returns_the_script_exit_code(tmp_path, capsys):
         "training finished (completed) at step 1"
     )
     assert body[-1] == f"{script} exited with code 3"
+
+
+def test_run_releases_a_serving_script_when_input_ends(tmp_path, capsys):
+    script = tmp_path / "train.py"
+    script.write_text(RUN_SCRIPT)
+    # Under pytest stdin is unusable, which counts as end of input: nobody can type `stop`.
+    assert main(["run", "--plain", str(script), "--serve"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    finished = lines.index("training finished (completed) at step 1")
+    released = lines.index("training finished and no more input: closing the script's stdin")
+    assert finished < released
+    assert "[stderr] stdin closed; exiting" in lines
+    assert lines[-1] == f"{script} exited with code 0"
 
 
 def test_run_subprocess_with_typed_commands(tmp_path):

@@ -609,6 +609,25 @@ def test_process_dashboard_close_terminates_a_stuck_script(tmp_path):
     assert dash.ended
 
 
+def test_process_dashboard_close_input_lets_the_script_finish(tmp_path):
+    script = tmp_path / "until_eof.py"
+    script.write_text(
+        "import sys, json\n"
+        "print(json.dumps({'type': 'log', 'text': 'serving', 'event_seq': 1, 'session_id': 's'}), flush=True)\n"
+        "n = sum(1 for _ in sys.stdin)\n"
+        "print(json.dumps({'type': 'log', 'text': f'got {n} lines', 'event_seq': 2, 'session_id': 's'}), flush=True)\n"
+        "sys.exit(5)\n"
+    )
+    with ProcessDashboard([sys.executable, str(script)]) as dash:
+        dash.wait_for_event(lambda e: e.get("text") == "serving")
+        dash.send("resume")
+        dash.close_input()
+        assert dash.wait(WAIT) == 5
+        assert [e["text"] for e in dash.history()] == ["serving", "got 1 lines"]
+        with pytest.raises(TrainerDisconnected):
+            dash.send("resume")
+
+
 def test_process_dashboard_bad_arguments():
     with pytest.raises(ValueError, match="argv must be a non-empty list"):
         ProcessDashboard([])

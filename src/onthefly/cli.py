@@ -250,6 +250,9 @@ def format_event(event: dict[str, Any]) -> str | None:
     if kind == "runTransition":
         return f"run {event.get('from')} -> {event.get('to')}"
     if kind == "hparams_changed":
+        changes = event.get("changes")
+        if isinstance(changes, dict) and changes:
+            return f"hyperparameters changed: {fields_text(changes, frozenset())}"
         return f"hyperparameters changed: {fields_text(event)}"
     rest = fields_text(event)
     return f"{kind}: {rest}" if rest else str(kind)
@@ -303,12 +306,26 @@ def format_reply(cmd: str, data: Any) -> str:
         caps_text = f"  capabilities: {', '.join(map(str, caps))}" if isinstance(caps, list) else ""
         return f"server: onthefly {data.get('version', '?')}  device {data.get('device', '?')}{caps_text}"
     if cmd == "set_hparams":
-        return f"hyperparameters now: {fields_text(data, frozenset())}"
+        return _format_hparams(data)
     if cmd == "stop":
         return str(data.get("status", "stopping"))
     if cmd == "list_runs" and isinstance(data.get("runs"), list):
         return _format_runs(data["runs"])
     return f"{cmd}: {fields_text(data, frozenset()) or 'ok'}"
+
+
+def _format_hparams(data: dict[str, Any]) -> str:
+    groups = data.get("param_groups")
+    if not isinstance(groups, list):
+        return f"hyperparameters now: {fields_text(data, frozenset())}"
+    lines = ["hyperparameters now:"]
+    for index, group in enumerate(groups):
+        text = fields_text(group, frozenset()) if isinstance(group, dict) else compact(group)
+        lines.append(f"  group {index}: {text}")
+    rest = {k: v for k, v in data.items() if k != "param_groups"}
+    if rest:
+        lines.append(f"  {fields_text(rest, frozenset())}")
+    return "\n".join(lines)
 
 
 def _format_runs(runs: list[Any]) -> str:
@@ -578,11 +595,19 @@ class CommandConsole:
     End of input stops reading but leaves the dashboard running; `quit` sets `quit_event`.
     """
 
-    def __init__(self, dash: DashboardBase, view: View, stream: TextIO, quit_event: threading.Event) -> None:
+    def __init__(
+        self,
+        dash: DashboardBase,
+        view: View,
+        stream: TextIO,
+        quit_event: threading.Event,
+        on_end_of_input: Callable[[], None] | None = None,
+    ) -> None:
         self.dash = dash
         self.view = view
         self.stream = stream
         self.quit_event = quit_event
+        self.on_end_of_input = on_end_of_input
         self.thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -595,8 +620,10 @@ class CommandConsole:
                 line = self.stream.readline()
             except (OSError, ValueError) as exc:  # no usable stdin (closed, or captured by a test runner)
                 logger.debug("not reading commands: %s", exc)
-                return
+                line = ""
             if not line:
+                if self.on_end_of_input is not None:
+                    self.on_end_of_input()
                 return
             self.execute(line)
 
@@ -654,11 +681,19 @@ def make_view(plain: bool, out: TextIO) -> View:
     return PlainView(out)
 
 
-def pump_events(dash: DashboardBase, view: View, quit_event: threading.Event, poll_s: float = 0.2) -> None:
+def pump_events(
+    dash: DashboardBase,
+    view: View,
+    quit_event: threading.Event,
+    poll_s: float = 0.2,
+    observe: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """Show events until `quit` is typed or the stream ends (all delivered events shown)."""
     while not quit_event.is_set():
         for event in dash.events(timeout=poll_s):
             view.event(event)
+            if observe is not None:
+                observe(event)
             if quit_event.is_set():
                 return
         if dash.ended:
@@ -739,12 +774,34 @@ def cmd_run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
     view = make_view(args.plain, stdout)
     view.state.connected = True
     quit_event = threading.Event()
+    input_ended = threading.Event()
+    training_finished = threading.Event()
+    release_lock = threading.Lock()
+
+    def release_script_if_done() -> None:
+        # A finished training keeps serving its dashboard until told to stop; once nothing more
+        # can be typed, close its stdin so it can exit (instead of waiting forever).
+        with release_lock:
+            if input_ended.is_set() and training_finished.is_set() and not dash.ended:
+                view.message("training finished and no more input: closing the script's stdin")
+                dash.close_input()
+                input_ended.clear()
+
+    def on_end_of_input() -> None:
+        input_ended.set()
+        release_script_if_done()
+
+    def observe(event: dict[str, Any]) -> None:
+        if event.get("type") == "trainingFinished":
+            training_finished.set()
+            release_script_if_done()
+
     interrupted = False
     try:
         view.message(f"running {' '.join(argv)} (pid {dash.pid}). Type 'help' for commands.")
-        CommandConsole(dash, view, stdin, quit_event).start()
+        CommandConsole(dash, view, stdin, quit_event, on_end_of_input).start()
         view.start()
-        pump_events(dash, view, quit_event)
+        pump_events(dash, view, quit_event, observe=observe)
     except KeyboardInterrupt:
         interrupted = True
         view.message("interrupted; stopping the script")

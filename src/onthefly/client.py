@@ -1032,6 +1032,16 @@ class ProcessDashboard(DashboardBase):
         self._attach(_Link(stdout, write, shutdown, stdout.close, f"pid {proc.pid}"))
         return self
 
+    def close_input(self) -> None:
+        """Close the script's stdin: no more commands will come, so it may stop serving and exit.
+
+        Events keep arriving until the script exits; requests fail with TrainerDisconnected.
+        """
+        with self._lock:
+            link = self._link
+        if link is not None:
+            link.shutdown()
+
     @property
     def pid(self) -> int | None:
         """The script's process id, once started."""
