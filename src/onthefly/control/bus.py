@@ -27,7 +27,7 @@ from .channels import Channel
 from .envelope import Request, error_event, parse_request, reply_error, reply_ok
 from .errors import ErrorCode, ProtocolError
 from .eventlog import EventLog
-from .jsonsafe import encode_line
+from .jsonsafe import encode_text
 
 __all__ = ["ControlBus", "events_since_page"]
 
@@ -127,15 +127,13 @@ class ControlBus:
         """
         if type.__class__ is not str or not type:
             raise ValueError(f"event type must be a non-empty str, got {type!r}")
-        event: dict[str, Any] = {"type": type}
         if fields:
-            event.update(fields)
+            event: dict[str, Any] = {"type": type, **self._stamps, **fields}
             event["type"] = type
-        for key, value in self._stamps.items():
-            if key not in event:
-                event[key] = value
-        if "ts" not in event:
-            event["ts"] = time.time()
+            if "ts" not in fields:
+                event["ts"] = time.time()
+        else:
+            event = {"type": type, **self._stamps, "ts": time.time()}
         with self._seq_lock:
             seq = self._next_seq
             self._next_seq = seq + 1
@@ -299,17 +297,16 @@ class ControlBus:
 
     def _write_batch(self, batch: list[tuple]) -> None:
         rows: list[tuple[int, str, str]] = []
-        lines: list[bytes] = []
+        lines: list[str] = []
         replies = 0
         for item in batch:
             kind = item[0]
             if kind == _EVENT:
-                seq, event = item[1], item[2]
-                line = encode_line(event)
-                rows.append((seq, event["type"], line[:-1].decode("utf-8")))
-                lines.append(line)
+                text = encode_text(item[2])
+                rows.append((item[1], item[2]["type"], text))
+                lines.append(text)
             elif kind == _REPLY:
-                lines.append(encode_line(item[1]))
+                lines.append(encode_text(item[1]))
                 replies += 1
         already_persisted = self._persisted
         if rows:
@@ -323,7 +320,8 @@ class ControlBus:
             return
         if not lines:
             return
-        if self.channel.send(b"".join(lines)):
+        lines.append("")  # every line ends with "\n"
+        if self.channel.send("\n".join(lines).encode("utf-8")):
             if rows:
                 self._cursor = rows[-1][0] + 1
         else:

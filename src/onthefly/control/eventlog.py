@@ -63,15 +63,14 @@ class EventLog:
         """
         if not rows:
             return
-        now = time.time()
+        # One timestamp per batch, written into the statement (a float's repr is a valid SQL
+        # literal) so the rows can be bound as given, without building a 4-tuple per row.
+        insert = f"INSERT INTO events (seq, type, ts, body) VALUES (?, ?, {float(time.time())!r}, ?)"
         with self._lock:
             conn = self._open_conn()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(
-                    "INSERT INTO events (seq, type, ts, body) VALUES (?, ?, ?, ?)",
-                    [(seq, kind, now, body) for seq, kind, body in rows],
-                )
+                conn.executemany(insert, rows)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise

@@ -2,8 +2,8 @@
 
 The wire carries strict JSON (no NaN/Infinity), but events carry whatever the training code
 hands us: numpy scalars, tensors, dataclasses, paths. `encode_line` takes the fast path
-(`json.dumps` with a `default` hook) and only walks the object when that fails, so the common
-case costs one C-level dump. It never raises: an unencodable object becomes an error line.
+(the C JSON encoder with a `default` hook) and only walks the object when that fails, so the
+common case costs one C-level dump. It never raises: an unencodable object becomes an error line.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["encode_line", "to_jsonable"]
+__all__ = ["encode_line", "encode_text", "to_jsonable"]
 
 _SCALARS = (str, int, bool, type(None))
 _SEQUENCES = (list, tuple, set, frozenset)
@@ -60,25 +60,28 @@ def to_jsonable(obj: Any) -> Any:
     return _safe_str(obj)
 
 
-def encode_line(obj: Any) -> bytes:
-    """Encode `obj` as one compact UTF-8 JSON line ending in b"\\n"; never raises."""
+def encode_text(obj: Any) -> str:
+    """Encode `obj` as compact JSON text on one line that is always valid UTF-8; never raises."""
     try:
-        text = json.dumps(
-            obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default
-        )
+        text = _FAST.encode(obj)
     except Exception:  # noqa: BLE001 - NaN/inf, a non-string key, a cycle, a failing .tolist()
         # Take the slow, thorough path; it handles everything but cycles and absurd depth.
         try:
-            text = json.dumps(
-                to_jsonable(obj), separators=(",", ":"), ensure_ascii=False, allow_nan=False
-            )
+            text = _STRICT.encode(to_jsonable(obj))
         except Exception as exc:  # noqa: BLE001 - the wire gets an error line instead
-            text = json.dumps(_unserialisable(obj, exc), separators=(",", ":"))
-    try:
-        return text.encode("utf-8") + b"\n"
-    except UnicodeEncodeError:
-        # Lone surrogates (e.g. undecodable file names) are not UTF-8: escape them as \\uXXXX.
-        return json.dumps(json.loads(text), separators=(",", ":")).encode("ascii") + b"\n"
+            return _ASCII.encode(_unserialisable(obj, exc))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Lone surrogates (e.g. undecodable file names) are not UTF-8: escape them as \\uXXXX.
+            return _ASCII.encode(json.loads(text))
+    return text
+
+
+def encode_line(obj: Any) -> bytes:
+    """Encode `obj` as one compact UTF-8 JSON line ending in b"\\n"; never raises."""
+    return encode_text(obj).encode("utf-8") + b"\n"
 
 
 def _default(obj: Any) -> Any:
@@ -97,6 +100,12 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         return bytes(obj).decode("utf-8", errors="replace")
     return _safe_str(obj)
+
+
+# Built once: `json.dumps` with keyword arguments constructs a new encoder on every call.
+_FAST = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_default)
+_STRICT = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_ASCII = json.JSONEncoder(separators=(",", ":"))
 
 
 def _key(key: Any) -> str:
