@@ -143,6 +143,9 @@ def iter_tensors(batch: Any) -> list[torch.Tensor]:
 
 def batch_size_of(batch: Any) -> int:
     """The number of samples in a batch: the leading dimension of its first tensor with one."""
+    head = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    if isinstance(head, torch.Tensor) and head.dim() > 0:
+        return int(head.shape[0])  # the common case, without walking the batch
     for t in iter_tensors(batch):
         if t.dim() > 0:
             return int(t.shape[0])
@@ -157,6 +160,9 @@ def batch_size_of(batch: Any) -> int:
 def move_to_device(batch: Any, device: torch.device | str, non_blocking: bool = False) -> Any:
     """The batch with every tensor on `device` (tensors already there are returned as they are)."""
     device = torch.device(device)
+    if isinstance(batch, tuple) and type(batch) is tuple and all(isinstance(t, torch.Tensor) for t in batch):
+        if all(t.device == device for t in batch):
+            return batch  # the common case: nothing to move, nothing to rebuild
     return map_batch(batch, lambda t: t.to(device, non_blocking=non_blocking))
 
 

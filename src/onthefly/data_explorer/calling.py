@@ -14,6 +14,7 @@ import inspect
 import logging
 import numbers
 import re
+import types
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -272,29 +273,6 @@ def _call_candidate(model: Any, candidate: InputCandidate, parts: BatchParts) ->
     return model(*candidate.args, **candidate.kwargs)
 
 
-class _ModelProbe:
-    """Runs each input candidate at most once and remembers outputs and failures."""
-
-    def __init__(self, model: Any, parts: BatchParts) -> None:
-        self.model = model
-        self.parts = parts
-        self.candidates = model_input_candidates(model, parts.first, parts.rest)
-        self.results: list[tuple[InputRecipe, Any] | None] = [None] * len(self.candidates)
-        self.failures: list[str] = []
-        self._done = [False] * len(self.candidates)
-
-    def working(self) -> Iterator[tuple[InputRecipe, Any]]:
-        for i, cand in enumerate(self.candidates):
-            if not self._done[i]:
-                self._done[i] = True
-                try:
-                    self.results[i] = (cand.recipe, _call_candidate(self.model, cand, self.parts))
-                except PROBE_ERRORS as exc:
-                    self.failures.append(f"{cand.describe()}: {type(exc).__name__}: {_short(exc)}")
-            if self.results[i] is not None:
-                yield self.results[i]
-
-
 def _short(exc: BaseException, limit: int = 300) -> str:
     text = " ".join(str(exc).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -313,11 +291,13 @@ def _model_outputs(model: Any, parts: BatchParts, cache: CallCache) -> Any:
     if cache.inputs is not None:
         args, kwargs = _build_inputs(model, cache.inputs, parts.first, parts.rest)
         return model(*args, **kwargs)
-    probe = _ModelProbe(model, parts)
-    for recipe, outputs in probe.working():
-        cache.inputs = recipe
-        return outputs
-    raise ModelCallError(_attempts_message(f"could not call {type(model).__name__} on the batch", probe.failures))
+    failures: list[str] = []
+    for cand in model_input_candidates(model, parts.first, parts.rest):
+        ok, outputs = _attempt(failures, cand.describe(), _call_candidate, model, cand, parts)
+        if ok:
+            cache.inputs = cand.recipe
+            return outputs
+    raise ModelCallError(_attempts_message(f"could not call {type(model).__name__} on the batch", failures))
 
 
 def _attempts_message(head: str, attempts: list[str]) -> str:
@@ -464,7 +444,8 @@ _PATTERN_TEXT = {
 
 
 def _cfg_holder(loss_fn: Any) -> Any:
-    return getattr(loss_fn, "__func__", loss_fn)  # bound methods share their function's pattern
+    # Bound methods share their function's pattern (and take no attributes themselves).
+    return loss_fn.__func__ if isinstance(loss_fn, types.MethodType) else loss_fn
 
 
 def _get_loss_cfg(loss_fn: Any, cache: CallCache) -> dict[str, Any] | None:
@@ -568,62 +549,98 @@ def _call_loss(
     order, takes_reduction = _pattern_order(loss_fn)
     kwargs = {"reduction": "none"} if (want_reduction_none and takes_reduction) else {}
     tried: list[str] = []
-    probe: _ModelProbe | None = None
+    output_patterns = [p for p in order if p in ("outputs_targets", "outputs_batch")]
     for pattern in order:
         if pattern in ("batch", "model_batch"):
             cfg = {"pattern": pattern, "reduction_kwarg": takes_reduction}
-            try:
-                value = _run_loss(cfg, loss_fn, model, batch, parts, None, None, guard, kwargs)
-            except PROBE_ERRORS as exc:
-                tried.append(f"{_PATTERN_TEXT[pattern]}: {type(exc).__name__}: {_short(exc)}")
-                continue
-            _set_loss_cfg(loss_fn, cache, cfg)
-            return value, bool(kwargs)
-        if probe is None:
-            if cache.inputs is not None:
-                probe = _CachedProbe(model, parts, cache)
-            else:
-                try:
-                    probe = _ModelProbe(model, parts)
-                except ModelCallError as exc:
-                    tried.append(f"{_PATTERN_TEXT[pattern]}: {_short(exc)}")
-                    continue
-        for recipe, outputs in probe.working():
-            targets = _targets_for(recipe, parts)
-            if pattern == "outputs_targets" and targets is None:
-                continue
-            # "tensor" passes ensure_tensor_output(outputs): the same as raw for tensor outputs,
-            # and it keeps working for a later model that returns a ModelOutput.
-            variants = ["tensor"] if isinstance(outputs, torch.Tensor) else ["tensor", "raw"]
-            for variant in variants:
-                cfg = {"pattern": pattern, "outputs": variant, "reduction_kwarg": takes_reduction}
-                try:
-                    value = _run_loss(cfg, loss_fn, model, batch, parts, outputs, recipe, guard, kwargs)
-                except PROBE_ERRORS as exc:
-                    where = f"{_PATTERN_TEXT[pattern]} with {recipe.describe()}"
-                    if variant == "tensor" and len(variants) > 1:
-                        where += " (outputs reduced to a tensor)"
-                    tried.append(f"{where}: {type(exc).__name__}: {_short(exc)}")
-                    continue
-                cache.inputs = recipe
+            ok, value = _attempt(
+                tried, _PATTERN_TEXT[pattern], _run_loss, cfg, loss_fn, model, batch, parts, None, None, guard, kwargs
+            )
+            if ok:
                 _set_loss_cfg(loss_fn, cache, cfg)
                 return value, bool(kwargs)
-    if probe is not None:
-        tried.extend(f"model call {f}" for f in probe.failures)
+        elif pattern == output_patterns[0]:
+            # Candidate-major: the first model call that runs is the likeliest right one, so it
+            # meets every output pattern before the next candidate is tried.
+            ok, value = _probe_output_patterns(
+                output_patterns, loss_fn, model, batch, parts, cache, guard, kwargs, tried, takes_reduction
+            )
+            if ok:
+                return value, bool(kwargs)
     raise LossCallError(_attempts_message(f"could not call the loss {_loss_name(loss_fn)} on the batch", tried))
 
 
-class _CachedProbe:
-    """A probe that already knows the input recipe: one model call, reused by every pattern."""
+def _attempt(tried: list[str], where: str, fn: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+    """Run one probing attempt. Warnings it raises are shown only if it succeeds; a failure is
+    recorded in `tried` (with its warnings) instead of raised."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            value = fn(*args)
+        except PROBE_ERRORS as exc:
+            note = f" (warned: {_short(caught[0].message, 120)})" if caught else ""
+            tried.append(f"{where}: {type(exc).__name__}: {_short(exc)}{note}")
+            return False, None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+    return True, value
 
-    def __init__(self, model: Any, parts: BatchParts, cache: CallCache) -> None:
-        self.failures: list[str] = []
-        self._recipe = cache.inputs
-        args, kwargs = _build_inputs(model, self._recipe, parts.first, parts.rest)
-        self._outputs = model(*args, **kwargs)
 
-    def working(self) -> Iterator[tuple[InputRecipe, Any]]:
-        yield self._recipe, self._outputs
+def _probe_output_patterns(
+    patterns: list[str],
+    loss_fn: Callable[..., Any],
+    model: Any,
+    batch: Any,
+    parts: BatchParts,
+    cache: CallCache,
+    guard: bool,
+    kwargs: dict[str, Any],
+    tried: list[str],
+    takes_reduction: bool,
+) -> tuple[bool, Any]:
+    """Try each output pattern on each model call that runs; (True, value) on the first success."""
+    if cache.inputs is not None:
+        args, kw = _build_inputs(model, cache.inputs, parts.first, parts.rest)
+        runs: list[tuple[InputRecipe, Any]] = [(cache.inputs, model(*args, **kw))]
+        candidates: list[InputCandidate] = []
+    else:
+        runs = []
+        try:
+            candidates = model_input_candidates(model, parts.first, parts.rest)
+        except ModelCallError as exc:
+            tried.append(f"loss(outputs, ...): {_short(exc)}")
+            return False, None
+    model_failures: list[str] = []
+
+    def outputs_in_order() -> Iterator[tuple[InputRecipe, Any]]:
+        yield from runs
+        for cand in candidates:
+            ok, outputs = _attempt(model_failures, f"model call {cand.describe()}", _call_candidate, model, cand, parts)
+            if ok:
+                yield cand.recipe, outputs
+
+    for recipe, outputs in outputs_in_order():
+        targets = _targets_for(recipe, parts)
+        # "tensor" passes ensure_tensor_output(outputs): the same as raw for tensor outputs,
+        # and it keeps working for a later model that returns a ModelOutput.
+        variants = ["tensor"] if isinstance(outputs, torch.Tensor) else ["tensor", "raw"]
+        for pattern in patterns:
+            if pattern == "outputs_targets" and targets is None:
+                continue
+            for variant in variants:
+                cfg = {"pattern": pattern, "outputs": variant, "reduction_kwarg": takes_reduction}
+                where = f"{_PATTERN_TEXT[pattern]} with {recipe.describe()}"
+                if len(variants) > 1:
+                    where += " (outputs as a tensor)" if variant == "tensor" else " (raw outputs)"
+                ok, value = _attempt(
+                    tried, where, _run_loss, cfg, loss_fn, model, batch, parts, outputs, recipe, guard, kwargs
+                )
+                if ok:
+                    cache.inputs = recipe
+                    _set_loss_cfg(loss_fn, cache, cfg)
+                    return True, value
+    tried.extend(model_failures)
+    return False, None
 
 
 def _loss_name(loss_fn: Any) -> str:
@@ -658,8 +675,10 @@ def reduction_none(loss_fn: Any) -> Iterator[bool]:
     if not isinstance(current, str) or current == "none":
         yield False
         return
+    # A str attribute of an nn.Module lives in its __dict__: skip Module.__setattr__'s checks.
+    assign = object.__setattr__ if isinstance(loss_fn, nn.Module) else setattr
     try:
-        setattr(loss_fn, "reduction", "none")
+        assign(loss_fn, "reduction", "none")
     except (AttributeError, TypeError):
         log.debug("loss %s has a read-only reduction attribute; not overriding it", _loss_name(loss_fn))
         yield False
@@ -667,7 +686,7 @@ def reduction_none(loss_fn: Any) -> Iterator[bool]:
     try:
         yield True
     finally:
-        setattr(loss_fn, "reduction", current)
+        assign(loss_fn, "reduction", current)
 
 
 def compute_batch_loss(

@@ -230,14 +230,15 @@ class _PositionSampler(Sampler[int]):
             yield from self.positions[start : start + 65536].tolist()
 
 
-def iter_plan(
-    plan: ScanPlan, *, num_workers: int = 0, seed: int = 1337
-) -> Iterator[tuple[Any, np.ndarray]]:
-    """Yield `(batch, root_indices)` for a plan, with an unshuffled loader and no `drop_last`."""
+def iter_plan(plan: ScanPlan, *, num_workers: int = 0) -> Iterator[tuple[Any, np.ndarray]]:
+    """Yield `(batch, root_indices)` for a plan, with an unshuffled loader and no `drop_last`.
+
+    Worker seeds come from the global torch RNG: run under `rng_guard(seed)` for repeatable
+    workers and an untouched caller RNG.
+    """
     sampler = _PositionSampler(plan.positions) if plan.positions is not None else None
     if isinstance(plan.dataset, IterableDataset):
         sampler = None
-    generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(
         plan.dataset,
         batch_size=plan.batch_size,
@@ -247,7 +248,6 @@ def iter_plan(
         collate_fn=plan.collate_fn,
         num_workers=num_workers,
         worker_init_fn=plan.worker_init_fn if num_workers else None,
-        generator=generator,
     )
     offset = 0
     for batch in loader:
@@ -472,7 +472,7 @@ def run_scan(
         done = 0
         try:
             with analysis_mode(model, mirror_train_semantics=mirror_train_semantics), torch.inference_mode():
-                for batch, roots in iter_plan(plan, num_workers=num_workers, seed=seed):
+                for batch, roots in iter_plan(plan, num_workers=num_workers):
                     if cancel is not None and cancel():
                         raise ScanCancelled(f"scan cancelled after {done} samples")
                     batch = move_to_device(batch, dev)
