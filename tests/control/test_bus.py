@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
 from onthefly.control.bus import ControlBus, events_since_page
-from onthefly.control.channels import MemoryChannel, NullChannel
+from onthefly.control.channels import MemoryChannel, NullChannel, TcpClientChannel
 from onthefly.control.eventlog import EventLog
 
 from .conftest import WAIT, wait_until
@@ -50,6 +52,8 @@ def test_emit_stamps_and_orders_events(make_bus):
     assert third["type"] == "log" and third["run_id"] == "fork1" and third["run_gen"] == 1
     assert fourth["type"] == "paused" and fourth["event_seq"] == 4
     assert bus.context == {"session_id": "sess-1", "run_id": "fork1", "run_gen": 1}
+    with pytest.raises(ValueError, match="event_seq, ts cannot be a default stamp"):
+        bus.set_context(ts=1.0, event_seq=5)
     with pytest.raises(ValueError, match="event type must be a non-empty str"):
         bus.emit("")
 
@@ -300,6 +304,27 @@ def test_close_delivers_everything_emitted_right_before_it(tcp_bus):
     bus.close()
     assert server.wait_for(lambda: len(server.lines) == 2000)
     assert seqs(server.messages()) == list(range(1, 2001))
+
+
+def test_close_is_bounded_when_the_dashboard_stops_reading():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    bus = ControlBus(TcpClientChannel(port=listener.getsockname()[1], reconnect_initial=0.01))
+    bus.start()
+    conn, _ = listener.accept()  # ... and never reads from it
+    try:
+        assert wait_until(lambda: bus.connected)
+        blob = "x" * 65536
+        for i in range(400):  # ~26 MB: far more than the socket buffers hold
+            bus.emit("log", {"text": blob})
+        started = time.monotonic()
+        bus.close(timeout=1.0)
+        assert time.monotonic() - started < 5.0
+        assert bus.closed and bus.event_log.closed  # the writer stopped, so its temp log went too
+    finally:
+        conn.close()
+        listener.close()
 
 
 ATEXIT_CHILD = textwrap.dedent(

@@ -40,6 +40,7 @@ _MARK = 2  # (_MARK, threading.Event): set once everything before it is handled
 _CONNECTED = 3  # (_CONNECTED,): a dashboard connected; replay what it has not seen
 _STOP = 4  # (_STOP,): the writer exits after this batch
 
+_RESERVED_STAMPS = frozenset({"type", "ts", "event_seq"})
 _MAX_BATCH = 4096
 _REPLAY_PAGE = 2000
 _MAX_EVENTS_PAGE = 10_000
@@ -109,6 +110,9 @@ class ControlBus:
     # ---- outbound (any thread) -------------------------------------------------------------
     def set_context(self, **stamps: Any) -> None:
         """Set default stamps (`run_id`, `run_gen`, `session_id`, ...) added to every event."""
+        reserved = sorted(set(stamps) & _RESERVED_STAMPS)
+        if reserved:
+            raise ValueError(f"{', '.join(reserved)} cannot be a default stamp: the bus sets it per event")
         merged = dict(self._stamps)
         merged.update(stamps)
         self._stamps = merged  # one reference swap: emitters see the old or the new dict whole

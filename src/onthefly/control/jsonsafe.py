@@ -74,7 +74,7 @@ def encode_text(obj: Any) -> str:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            # Lone surrogates (e.g. undecodable file names) are not UTF-8: escape them as \\uXXXX.
+            # Lone surrogates (e.g. undecodable file names) are not UTF-8: write them as \\u escapes.
             return _ASCII.encode(json.loads(text))
     return text
 
