@@ -132,6 +132,7 @@ class _Signature:
     names: frozenset[str]  # parameters that may be passed by keyword
     required_names: frozenset[str]
     var_keyword: bool
+    positional: tuple[str, ...]  # names of the parameters that can be passed positionally
 
 
 def _unwrap_model(model: Any) -> Any:
@@ -156,8 +157,10 @@ def _signature_of(fn: Any) -> _Signature | None:
     names: set[str] = set()
     required_names: set[str] = set()
     var_kw = False
+    positional: list[str] = []
     for p in sig.parameters.values():
         if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            positional.append(p.name)
             if max_pos is not None:
                 max_pos += 1
             if p.default is p.empty:
@@ -170,7 +173,7 @@ def _signature_of(fn: Any) -> _Signature | None:
             names.add(p.name)
             if p.default is p.empty:
                 required_names.add(p.name)
-    return _Signature(required, max_pos, frozenset(names), frozenset(required_names), var_kw)
+    return _Signature(required, max_pos, frozenset(names), frozenset(required_names), var_kw, tuple(positional))
 
 
 def _model_signature(model: Any) -> _Signature | None:
@@ -463,23 +466,13 @@ def _set_loss_cfg(loss_fn: Any, cache: CallCache, cfg: dict[str, Any]) -> None:
         cache.loss_cfgs[id(holder)] = cfg  # builtins take no attributes; the cache keeps it
 
 
-def _loss_signature(loss_fn: Any) -> _Signature | None:
-    fn = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
-    return _signature_of(fn)
-
-
 def _pattern_order(loss_fn: Any) -> tuple[list[str], bool]:
     """Patterns to try, most likely first (from parameter names/count), and whether the loss
     takes a `reduction=` keyword."""
-    sig = _loss_signature(loss_fn)
+    sig = _signature_of(loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn)
     if sig is None:
         return list(_PATTERNS), False
-    fn = loss_fn.forward if isinstance(loss_fn, nn.Module) else loss_fn
-    params = [
-        p.name
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-    ]
+    params = sig.positional
     takes_reduction = "reduction" in sig.names
     order = list(_PATTERNS)
     first_choice = None
