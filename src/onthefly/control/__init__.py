@@ -31,7 +31,7 @@ from .envelope import (
 from .errors import CommandError, ErrorCode, ProtocolError
 from .eventlog import EventLog
 from .gate import ConsoleAction, ControlDelegate, GateClosed, PauseGate
-from .jsonsafe import encode_line, to_jsonable
+from .jsonsafe import encode_line, encode_text, to_jsonable
 from .router import CommandRouter, CommandSpec, validate_payload
 
 __all__ = [
@@ -60,6 +60,7 @@ __all__ = [
     "channel_from_env",
     "debug_enabled",
     "encode_line",
+    "encode_text",
     "error_event",
     "events_since_page",
     "parse_request",
