@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .batches import batch_size_of, split_batch
 from .calling import CallCache, cache_for, call_model, ensure_tensor_output
-from .scan import ResultSink, run_scan
+from .scan import run_scan
 from .spool import ChunkedArraySpool
 
 EXPLORER_EXTRA = "pip install 'onthefly[explorer]'"
@@ -138,7 +138,8 @@ def compute_embeddings(
             model,
             dataset_or_loader,
             batch_embeddings,
-            lambda total: ResultSink(total, materialize=materialize, spool_dir=spool_dir),
+            materialize=materialize,
+        spool_dir=spool_dir,
             indices=indices,
             batch_size=batch_size,
             mirror_train_semantics=mirror_train_semantics,

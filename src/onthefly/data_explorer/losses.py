@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .calling import CallCache, cache_for, compute_batch_loss
-from .scan import ResultSink, run_scan
+from .scan import run_scan
 from .spool import ChunkedArraySpool
 
 
@@ -94,7 +94,8 @@ def compute_per_sample_losses(
         model,
         dataset_or_loader,
         batch_losses,
-        lambda total: ResultSink(total, materialize=materialize, spool_dir=spool_dir),
+        materialize=materialize,
+        spool_dir=spool_dir,
         indices=indices,
         batch_size=batch_size,
         mirror_train_semantics=mirror_train_semantics,

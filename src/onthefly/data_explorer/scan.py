@@ -54,9 +54,14 @@ def _root_map(ds: Any) -> np.ndarray | None:
     return mapping
 
 
+def _batches_automatically(loader: DataLoader) -> bool:
+    """True when the loader groups samples into batches itself (what DataLoader calls auto-collation)."""
+    return loader.batch_sampler is not None
+
+
 def _is_default_sampling(loader: DataLoader) -> bool:
     """True when the loader visits every sample of its dataset once (shuffled or not)."""
-    if not loader._auto_collation:
+    if not _batches_automatically(loader):
         sampler = loader.sampler
     elif type(loader.batch_sampler) is BatchSampler:
         sampler = loader.batch_sampler.sampler
@@ -78,11 +83,11 @@ def _sampler_positions(loader: DataLoader) -> np.ndarray:
     `generator` is saved and restored here.
     """
     source: Any
-    if loader._auto_collation and type(loader.batch_sampler) is not BatchSampler:
+    if _batches_automatically(loader) and type(loader.batch_sampler) is not BatchSampler:
         source = loader.batch_sampler
         flat = True
     else:
-        source = loader.batch_sampler.sampler if loader._auto_collation else loader.sampler
+        source = loader.batch_sampler.sampler if _batches_automatically(loader) else loader.sampler
         flat = False
     generators = [
         g for g in (getattr(source, "generator", None), getattr(getattr(source, "sampler", None), "generator", None))
@@ -181,7 +186,7 @@ def plan_scan(
     collate = default_collate
     worker_init_fn = None
     if loader is not None:
-        collate = loader.collate_fn if loader._auto_collation else default_collate
+        collate = loader.collate_fn if _batches_automatically(loader) else default_collate
         worker_init_fn = loader.worker_init_fn
 
     if isinstance(ds, IterableDataset):
@@ -444,8 +449,9 @@ def run_scan(
     model: Any,
     data: Dataset | DataLoader,
     batch_fn: Callable[[Any], torch.Tensor],
-    sink: Callable[[int | None], ResultSink],
     *,
+    materialize: bool = True,
+    spool_dir: Any = None,
     indices: Any = None,
     batch_size: int | None = None,
     mirror_train_semantics: bool = False,
@@ -458,7 +464,7 @@ def run_scan(
     progress_interval_s: float = 0.5,
     cancel: Callable[[], bool] | None = None,
 ) -> tuple[ResultSink, ScanPlan, torch.device]:
-    """Run `batch_fn(batch_on_device) -> (B, ...) tensor` over a scan plan into a sink.
+    """Run `batch_fn(batch_on_device) -> (B, ...) tensor` over a scan plan into a `ResultSink`.
 
     Everything a scan promises happens here: RNG saved, seeded and restored; each module's
     training flag restored; inference mode (no graph, no grads kept); AMP when asked; progress
@@ -467,7 +473,7 @@ def run_scan(
     dev = torch.device(device) if device is not None else model_device(model)
     with rng_guard(seed):
         plan = plan_scan(data, indices, batch_size)
-        out = sink(plan.total)
+        out = ResultSink(plan.total, materialize=materialize, spool_dir=spool_dir)
         started = last = time.monotonic()
         done = 0
         try:
