@@ -242,8 +242,6 @@ def iter_plan(plan: ScanPlan, *, num_workers: int = 0) -> Iterator[tuple[Any, np
     workers and an untouched caller RNG.
     """
     sampler = _PositionSampler(plan.positions) if plan.positions is not None else None
-    if isinstance(plan.dataset, IterableDataset):
-        sampler = None
     loader = DataLoader(
         plan.dataset,
         batch_size=plan.batch_size,
