@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -10,6 +11,12 @@ import torch
 from .control.channels import Channel
 from .session.config import DATA_ORDER_POLICIES, ConfigError, SessionConfig
 from .session.native import OnTheFlySession, seed_everything
+
+
+def is_bundle(path: str | os.PathLike) -> bool:
+    """A session bundle: a folder with manifest.json, or a .tar/.tar.gz/.tgz archive."""
+    p = Path(path)
+    return (p.is_dir() and (p / "manifest.json").is_file()) or p.name.endswith((".tar", ".tar.gz", ".tgz"))
 
 
 class Trainer:
@@ -70,6 +77,7 @@ class Trainer:
         embedding_hook: Callable[..., Any] | None = None,
         data_order_policy: str | None = None,
         resume_from: str | os.PathLike | None = None,
+        resume_run: str | None = None,
     ) -> OnTheFlySession:
         """Train, stay available to a connected dashboard afterwards, flush, and return the session."""
         session = self.session
@@ -95,7 +103,9 @@ class Trainer:
                          val_loader=val_loader, test_loader=test_loader, scheduler=scheduler, device=device,
                          model_factory=model_factory, embedding_hook=embedding_hook)
             resume_from = resume_from or os.environ.get("ONTHEFLY_INIT_CKPT") or None
-            if resume_from:
+            if resume_from and is_bundle(resume_from):
+                session.resume_from_bundle(resume_from, resume_run)
+            elif resume_from:
                 session.resume_from_checkpoint(resume_from)
                 init_step = os.environ.get("ONTHEFLY_INIT_STEP")
                 if init_step:

@@ -155,6 +155,9 @@ class ControlDelegate(Protocol):
     def on_resumed(self) -> None:
         """Called on the training thread right before the run continues."""
 
+    def await_snapshot_copy(self) -> None:
+        """Block until the pause checkpoint's copy of the state is complete (before mutating it)."""
+
 
 EmitFn = Callable[[str, dict], Any]
 
@@ -204,8 +207,10 @@ class ConsoleAction:
     def pause_window(self, request: dict, action: Callable[[], Any], *, checkpoint: bool = True) -> Any:
         """Run `action` paused: pause first if needed, and resume afterwards only if we paused."""
         if self.gate.paused:
+            self.delegate.await_snapshot_copy()
             return action()
         self.pause(request, checkpoint=checkpoint)
+        self.delegate.await_snapshot_copy()  # the action may change what the pause checkpoint copies
         try:
             return action()
         finally:

@@ -148,6 +148,7 @@ class CheckpointMixin:
     # ---- loading ---------------------------------------------------------------------------
     def load_checkpoint_into_state(self, path: str | Path, *, restore_rng: bool = True) -> dict[str, Any]:
         """Load a checkpoint (ours or Lightning's) into the live objects; the loop repositions after."""
+        self.await_snapshot_copy()
         ckpt = load_checkpoint(path)
         if ckpt.get("format") == "lightning":
             return self._load_lightning_checkpoint(path, ckpt)
@@ -213,6 +214,7 @@ class CheckpointMixin:
         base = self._baseline
         if base is None:
             return False
+        self.await_snapshot_copy()
         with torch.no_grad():
             self.model.load_state_dict(base["model"], strict=True)
         if self.optimizer is not None and base["optimizer"] is not None:

@@ -83,6 +83,9 @@ class DeterminismMixin:
     def open_epoch_iterator(self, loader: Any, epoch: int, skip_batches: int) -> Iterator[Any]:
         """An iterator over `loader` for `epoch`, positioned after `skip_batches` consumed batches."""
         resume, self._resume = self._resume, None
+        # The checkpoint's RNG is put back after the iterator is positioned, unless it had to be
+        # restored before creating the iterator (the checkpoint predates this epoch's iterator).
+        restore_after = resume.get("rng") if resume is not None else None
         forward_epoch(loader, 0 if self._effective_policy == "fixed_order" else epoch)
         sampler = self._managed_sampler
         if sampler is not None:
@@ -105,6 +108,7 @@ class DeterminismMixin:
                 elif resume.get("rng") is not None:
                     # The checkpoint was taken before this epoch's iterator existed.
                     restore_rng_state(resume["rng"])
+                    restore_after = None
             self._epoch_start = {
                 "epoch": epoch,
                 "rng": capture_rng_state(),
@@ -116,6 +120,6 @@ class DeterminismMixin:
                     next(iterator)
                 except StopIteration:
                     break
-        if resume is not None and resume.get("rng") is not None:
-            restore_rng_state(resume["rng"])
+        if restore_after is not None:
+            restore_rng_state(restore_after)
         return iterator

@@ -463,18 +463,23 @@ class ForkMergeMixin:
         self.console.pause({"action": "switch_run", "run_id": run_id}, checkpoint=run_id != self.cfg.run_name)
         if p.fork_counter_init is not None or p.merge_counter_init is not None:
             self.cmd_set_counter_seeds(CounterSeeds(p.fork_counter_init or 0, p.merge_counter_init or 0))
+        ckpt = None
         if p.init_ckpt:
             ckpt = self.storage.resolve_wire_path(p.init_ckpt, field="init_ckpt", must_exist=True)
-        elif run_id != self.cfg.run_name:
-            latest = self.ring(run_id).latest() if run_id in self.known_runs() else None
-            ckpt = latest.path if latest else None
-            if ckpt is None and run_id not in self.known_runs():
-                raise CommandError(f"unknown run {run_id!r} and no init_ckpt given", ErrorCode.NOT_FOUND)
-        else:
-            ckpt = None
+        elif run_id != self.cfg.run_name and run_id not in self.known_runs():
+            raise CommandError(f"unknown run {run_id!r} and no init_ckpt given", ErrorCode.NOT_FOUND)
+        ckpt = self.adopt_run(run_id, ckpt, init_step=p.init_step)
+        return {"ok": True, "run_id": run_id, "paused": True, "ckpt_loaded": ckpt is not None,
+                "ckpt_path": str(ckpt) if ckpt else None, "step": self.state.step,
+                "fork_counter_seed": self.counters["fork"], "merge_counter_seed": self.counters["merge"]}
+
+    def adopt_run(self, run_id: str, ckpt: Path | None = None, *, init_step: int | None = None) -> Path | None:
+        """Make `run_id` the current run and load `ckpt` (default: its latest, when switching runs)."""
         if run_id != self.cfg.run_name:
-            previous = self.cfg.run_name
-            self.update_run_manifest(previous, last_step=self.state.step)
+            if ckpt is None:
+                latest = self.ring(run_id).latest() if run_id in self.known_runs() else None
+                ckpt = latest.path if latest else None
+            self.update_run_manifest(self.cfg.run_name, last_step=self.state.step)
             self.run_gen += 1
             self.cfg.run_name = run_id
             self._update_event_context()
@@ -488,13 +493,47 @@ class ForkMergeMixin:
             except CheckpointError as exc:
                 raise CommandError(str(exc), ErrorCode.FAILED) from exc
             self.emit("checkpoint_loaded", path=str(ckpt), step=self.state.step)
-        if p.init_step is not None:
-            self.state.step = int(p.init_step)
+        if init_step is not None:
+            self.state.step = int(init_step)
         self.request_reposition()
         self.log(f"[runs] bound to run {run_id!r}" + (f" from {ckpt}" if ckpt else ""))
-        return {"ok": True, "run_id": run_id, "paused": True, "ckpt_loaded": ckpt is not None,
-                "ckpt_path": str(ckpt) if ckpt else None, "step": self.state.step,
-                "fork_counter_seed": self.counters["fork"], "merge_counter_seed": self.counters["merge"]}
+        return ckpt
+
+    def resume_from_bundle(self, bundle: str | Path, run_id: str | None = None) -> dict[str, Any]:
+        """Import a session bundle (every checksum verified) and continue one of its runs here.
+
+        The bundle's runs (manifests and checkpoints) are copied into this session; `run_id`
+        defaults to the run created last. Training then continues bit-exactly from its latest
+        checkpoint, on the run's own subset of the data.
+        """
+        from ..session_bundle import import_session
+
+        info = import_session(bundle, dest_root=self.storage.root)
+        source_runs = info.folder / "runs"
+        manifests = {}
+        for folder in sorted(p for p in source_runs.iterdir() if p.is_dir()):
+            target = self.storage.folder / "runs" / folder.name
+            if target.exists():
+                raise CommandError(f"run {folder.name!r} exists in this session already; cannot import it",
+                                   ErrorCode.FAILED)
+            shutil.copytree(folder, target)
+            manifest = self.read_manifest(folder.name) or {}
+            manifests[folder.name] = manifest
+        if not manifests:
+            raise CommandError(f"{bundle}: the bundle holds no runs", ErrorCode.NOT_FOUND)
+        if run_id is None:
+            run_id = max(manifests, key=lambda r: manifests[r].get("created", 0.0))
+        if run_id not in manifests:
+            raise CommandError(f"{bundle}: no run {run_id!r} in the bundle (runs: {sorted(manifests)})",
+                               ErrorCode.NOT_FOUND)
+        latest = self.ring(run_id).latest()
+        if latest is None:
+            raise CommandError(f"{bundle}: run {run_id!r} has no checkpoint to resume from", ErrorCode.NOT_FOUND)
+        self.adopt_run(run_id, latest.path)
+        self.log(f"[resume] imported {len(manifests)} run(s) from {bundle}; continuing {run_id!r} "
+                 f"at step {self.state.step}")
+        return {"run_id": run_id, "step": self.state.step, "runs": sorted(manifests),
+                "imported_folder": str(info.folder)}
 
     # ---- export ------------------------------------------------------------------------------
     def export_folder(self, requested: str | None, default_name: str) -> Path:
@@ -513,8 +552,8 @@ class ForkMergeMixin:
         self.bus.flush(timeout=10)
         name = f"bundle-{self.session_id}-step{self.state.step}" + (".tar.gz" if p.archive else "")
         out = self.export_folder(p.dir, name)
-        if out.exists() and out.is_dir() and any(out.iterdir()) and p.dir:
-            out = out / name
+        if p.dir and not out.name.endswith((".tar", ".tar.gz", ".tgz")):
+            out = out / name  # `dir` is a folder to put the bundle in
         bundle = export_session(self.storage.folder, out, latest_only=p.latest_only)
         self.emit("artifact_created", run_id=self.cfg.run_name, path=str(bundle), kind="session_bundle")
         return {"ckpt": ckpt, "snapshots": [], "bundle": str(bundle)}

@@ -110,6 +110,12 @@ class ExternalControlDelegate:
             framework.request_resume()
 
 
+def mean_lr(optimizer: torch.optim.Optimizer) -> float | None:
+    """The learning rate averaged over an optimizer's parameter groups (as the dashboard shows it)."""
+    groups = optimizer.param_groups
+    return sum(float(g["lr"]) for g in groups) / len(groups) if groups else None
+
+
 def _as_float(value: Any) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
@@ -264,14 +270,16 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         elapsed = now - self._tp_time
         throughput = self._tp_samples / elapsed if elapsed > 0 and self._tp_samples else None
         self._tp_time, self._tp_samples = now, 0
-        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        lr = metrics.get("lr")
+        if lr is None and self.optimizer is not None:
+            lr = mean_lr(self.optimizer)
         fields: dict[str, Any] = {
             "step": st.step,
             "epoch": st.epoch,
             "loss": metrics.get("loss"),
             "val_loss": st.last_val_loss,
             "accuracy": metrics.get("accuracy"),
-            "lr": sum(g["lr"] for g in groups) / len(groups) if groups else None,
+            "lr": lr,
             "grad_norm": metrics.get("grad_norm"),
             "weight_norm": None,
             "activation_zero_frac": None,
