@@ -35,7 +35,7 @@ from ..control.channels import Channel
 from ..control.errors import CommandError, ErrorCode
 from ..data_explorer.batches import batch_size_of
 from ..session.config import SessionConfig
-from ..session.external import OnTheFlyExternalSession
+from ..session.external import OnTheFlyExternalSession, mean_lr
 from .base import FrameworkDelegate, TestOutcome
 
 __all__ = ["LightningDelegate", "OnTheFlyCallback", "attach_lightning", "canonical_metric_name"]
@@ -319,6 +319,8 @@ class OnTheFlyCallback(Callback):
         self._loss_count = 0
         self._samples = 0
         self._epoch_val: float | None = None
+        self._lr: float | None = None
+        self._loss_scale = 1
 
     @property
     def session(self) -> OnTheFlyExternalSession:
@@ -345,6 +347,7 @@ class OnTheFlyCallback(Callback):
             val_loader=trainer.val_dataloaders if session.val_loader is None else None,
         )
         self._seen_step = trainer.global_step
+        self._loss_scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._reset_accumulation()
         session.record_position(trainer.global_step, trainer.current_epoch)
         session.before_training()
@@ -354,6 +357,12 @@ class OnTheFlyCallback(Callback):
         self._epoch_val = None
 
     # ---- the hot path --------------------------------------------------------------------------
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        """Remember the learning rate this step uses (epoch schedulers step before `on_train_batch_end`)."""
+        if optimizer is self.session.optimizer or self._lr is None:
+            self._lr = mean_lr(optimizer)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = _loss_of(outputs)
@@ -367,14 +376,18 @@ class OnTheFlyCallback(Callback):
         self._seen_step = step
         metrics: dict[str, Any] = {}
         if self._loss_sum is not None:
-            metrics["loss"] = self._loss_sum if self._loss_count == 1 else self._loss_sum / self._loss_count
+            # Automatic optimization divides each micro-batch loss by accumulate_grad_batches.
+            scale = self._loss_scale / self._loss_count
+            metrics["loss"] = self._loss_sum if scale == 1 else self._loss_sum * scale
+        if self._lr is not None:
+            metrics["lr"] = self._lr
         self.session.record_step(metrics, step=step, epoch=trainer.current_epoch, batch_in_epoch=batch_idx + 1,
                                  samples=self._samples, more_metrics=lambda: _logged_metrics(trainer))
         self._reset_accumulation()
         self.delegate.boundary_hook()
 
     def _reset_accumulation(self) -> None:
-        self._loss_sum, self._loss_count, self._samples = None, 0, 0
+        self._loss_sum, self._loss_count, self._samples, self._lr = None, 0, 0, None
 
     # ---- validation and epochs -----------------------------------------------------------------
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
