@@ -17,6 +17,7 @@ print(srv.getsockname()[1], flush=True)
 def drain(conn):
     while conn.recv(1 << 20):
         pass
+    conn.close()  # like a real dashboard: close our side when the trainer closes its side
 while True:
     conn, _ = srv.accept()
     threading.Thread(target=drain, args=(conn,), daemon=True).start()

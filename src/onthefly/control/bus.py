@@ -16,6 +16,7 @@ be lost in flight; the dashboard detects the gap in `event_seq` and asks `events
 from __future__ import annotations
 
 import atexit
+import collections
 import json
 import logging
 import queue
@@ -66,6 +67,54 @@ def events_since_page(event_log: EventLog, after_seq: int, limit: int = 1000) ->
     }
 
 
+class Outbox:
+    """The writer's FIFO: appending an event never wakes the writer while it is busy.
+
+    While events flow, the writer drains the outbox every `linger` seconds (one SQLite commit
+    and one send per burst) and the training thread pays only a deque append. Replies, flush
+    marks, connection changes and stops wake it at once; so does the first event after a lull.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = True  # the writer sleeps with nothing in hand: the next event wakes it
+        self._urgent = False
+
+    def put(self, item: tuple, *, urgent: bool) -> None:
+        self._items.append(item)
+        if urgent:
+            self._urgent = True
+            self._wake.set()
+        elif self._idle:
+            self._idle = False
+            self._wake.set()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def take(self, linger: float, limit: int) -> list[tuple]:
+        """Block until something is queued, then return up to `limit` items (oldest first)."""
+        items = self._items
+        while True:
+            if not items:
+                self._idle = True
+                if not items:  # re-checked after publishing `idle`, so no append is missed
+                    self._wake.wait()
+                self._wake.clear()
+            if linger > 0 and not self._urgent:
+                # Only events so far: let the burst gather; an urgent item cuts the wait short.
+                self._wake.wait(linger)
+                self._wake.clear()
+            self._idle = False
+            self._urgent = False
+            batch = []
+            while items and len(batch) < limit:
+                batch.append(items.popleft())
+            if batch:
+                return batch
+
+
 class ControlBus:
     """Reader side: the channel's `LineSink`. Writer side: one thread draining an outbound FIFO."""
 
@@ -76,17 +125,20 @@ class ControlBus:
         event_log: EventLog | None = None,
         queue_size: int = 1024,
         session_id: str | None = None,
+        linger: float = 0.01,
     ) -> None:
         if not isinstance(channel, Channel):
             raise TypeError(f"channel must be an onthefly Channel, got {type(channel).__name__}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an integer >= 1, got {queue_size!r}")
         self.channel = channel
+        #: How long (s) the writer lets a lone event wait for others before writing them together.
+        self.linger = float(linger)
         self._owns_log = event_log is None
         self.event_log: EventLog = event_log if event_log is not None else EventLog(None)
         self.queue_size = queue_size
         self._requests: queue.Queue[Request] = queue.Queue(maxsize=queue_size)
-        self._out: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._out = Outbox()
         self._seq_lock = threading.Lock()
         # Continue after anything already in a reused log, so seqs stay unique in it.
         self._next_seq = self.event_log.last_seq() + 1
@@ -143,7 +195,7 @@ class ControlBus:
             self._next_seq = seq + 1
             event["event_seq"] = seq
             if not self._closed:
-                self._out.put((_EVENT, seq, event))
+                self._out.put((_EVENT, seq, event), urgent=False)
                 return seq
             self.dropped_after_close += 1
         log.warning("onthefly: event %r (seq %d) emitted after the control bus closed; dropped", type, seq)
@@ -169,7 +221,7 @@ class ControlBus:
             self.dropped_replies += 1
             log.warning("onthefly: reply to %r produced after the control bus closed; dropped", reply["id"])
             return
-        self._out.put((_REPLY, reply))
+        self._out.put((_REPLY, reply), urgent=True)
 
     # ---- inbound (the channel's reader thread) ---------------------------------------------
     def line_received(self, line: str) -> None:
@@ -196,7 +248,7 @@ class ControlBus:
     def connection_changed(self, connected: bool) -> None:
         """On connect, wake the writer so it replays what the dashboard has not seen."""
         if connected and not self._closed:
-            self._out.put((_CONNECTED,))
+            self._out.put((_CONNECTED,), urgent=True)
 
     def next_request(self, timeout: float | None = None) -> Request | None:
         """The next queued request, or None if none arrives within `timeout` seconds."""
@@ -206,6 +258,13 @@ class ControlBus:
             return self._requests.get(timeout=timeout)
         except queue.Empty:
             return None
+
+    def wake_readers(self) -> None:
+        """Make a thread blocked in `next_request` return None now (used when stopping it)."""
+        try:
+            self._requests.put_nowait(None)  # type: ignore[arg-type]
+        except queue.Full:
+            pass  # a full queue means the reader is not blocked: it has work to take
 
     @property
     def pending_requests(self) -> int:
@@ -241,7 +300,7 @@ class ControlBus:
         if writer is None or not writer.is_alive():
             return self._out.empty()
         done = threading.Event()
-        self._out.put((_MARK, done))
+        self._out.put((_MARK, done), urgent=True)
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
@@ -257,7 +316,7 @@ class ControlBus:
             with self._seq_lock:
                 self._closed = True
             if writer is not None and writer.is_alive():
-                self._out.put((_STOP,))
+                self._out.put((_STOP,), urgent=True)
                 writer.join(max(0.0, deadline - time.monotonic()))
             self.channel.close(timeout=max(0.5, min(2.0, deadline - time.monotonic())))
             writer_done = writer is None or not writer.is_alive()
@@ -282,12 +341,7 @@ class ControlBus:
     def _write_loop(self) -> None:
         out = self._out
         while True:
-            batch = [out.get()]
-            while len(batch) < _MAX_BATCH:
-                try:
-                    batch.append(out.get_nowait())
-                except queue.Empty:
-                    break
+            batch = out.take(self.linger, _MAX_BATCH)
             try:
                 self._write_batch(batch)
             except Exception:  # the writer must outlive any one batch; the traceback is logged

@@ -39,6 +39,7 @@ class CommandDispatcher:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        self.bus.wake_readers()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         self._thread = None
