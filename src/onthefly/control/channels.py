@@ -436,8 +436,9 @@ class TcpClientChannel(Channel):
 class StdioChannel(Channel):
     """JSON lines on the process's original stdout and stdin.
 
-    At `start` the real stdout is duplicated to a private descriptor for the protocol, and fd 1
-    and `sys.stdout` are pointed at stderr, so the user's `print`s cannot corrupt the stream.
+    On construction the real stdout is duplicated to a private descriptor for the protocol, and
+    fd 1 and `sys.stdout` are pointed at stderr, so the user's `print`s from then on cannot
+    corrupt the stream (the session creates its channel as early as `Trainer()`).
     Stdin is read with `os.read` on a thread (no `select`, so it works on Windows too); EOF on
     stdin means the dashboard has gone. Do not read stdin yourself while this channel runs.
     """
@@ -452,15 +453,14 @@ class StdioChannel(Channel):
         self._sink: LineSink | None = None
         self._reader: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._started = False
+        self._take_over_stdout()
 
     @property
     def connected(self) -> bool:
         return self._connected
 
-    def start(self, sink: LineSink) -> None:
-        if self._out_fd is not None:
-            raise RuntimeError("StdioChannel.start() called twice")
-        self._sink = sink
+    def _take_over_stdout(self) -> None:
         for stream in (sys.stdout, sys.__stdout__):
             if stream is not None:
                 try:
@@ -470,6 +470,14 @@ class StdioChannel(Channel):
         self._out_fd = os.dup(self._stdout_fd)  # not inheritable: child processes cannot write to it
         os.dup2(2, self._stdout_fd)
         sys.stdout = sys.stderr
+
+    def start(self, sink: LineSink) -> None:
+        if self._started:
+            raise RuntimeError("StdioChannel.start() called twice")
+        if self._out_fd is None:
+            raise RuntimeError("StdioChannel.start() after close()")
+        self._started = True
+        self._sink = sink
         self._connected = True
         _notify_connection(sink, True)
         self._reader = threading.Thread(target=self._read_loop, name="onthefly-stdin", daemon=True)
