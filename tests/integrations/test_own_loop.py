@@ -239,3 +239,40 @@ def test_bad_arguments_are_named(tmp_path):
         onthefly.attach(model=make_net(), optimizer=object(), transport="off", save_dir=str(tmp_path))
     with pytest.raises(onthefly.ConfigError, match="unknown session setting|log_every_n_steps"):
         onthefly.attach(model=make_net(), transport="off", save_dir=str(tmp_path), log_every_n_steps=0)
+
+
+EXIT_SCRIPT = """
+import sys, torch, onthefly
+from torch import nn
+session = onthefly.attach(model=nn.Linear(2, 2), transport="off", save_dir=sys.argv[1], project="exit")
+print(session.storage.events_db, flush=True)
+session.step(torch.tensor(0.5))
+session.step(torch.tensor(0.25))
+if sys.argv[2] == "crash":
+    raise ValueError("boom at top level")
+"""
+
+
+@pytest.mark.parametrize("how,status", [("crash", "failed"), ("normal", "completed")])
+def test_the_end_is_reported_without_finish(tmp_path, how, status):
+    """No `with`, no finish(): the exit handler still reports the run's end, and an uncaught error as failed."""
+    import json
+    import subprocess
+    import sys
+
+    from onthefly.control.eventlog import EventLog
+
+    proc = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path), how], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == (1 if how == "crash" else 0), proc.stderr
+    if how == "crash":
+        assert "ValueError: boom at top level" in proc.stderr  # the user's traceback is still printed
+    log = EventLog(proc.stdout.strip().splitlines()[0])
+    try:
+        stored = [json.loads(body) for _, body in log.read_after(0, 1000)]
+    finally:
+        log.close()
+    finished = [e for e in stored if e["type"] == "trainingFinished"]
+    assert len(finished) == 1 and finished[0]["status"] == status and finished[0]["step"] == 2
+    if how == "crash":
+        assert "boom at top level" in finished[0]["error"]

@@ -5,10 +5,11 @@
     trainer.fit(model, train_loader, val_loader)      # unchanged
 
 The callback reports each optimizer step from what Lightning already computed (the step's
-output loss and `trainer.callback_metrics`; never an extra forward pass) and calls the session's
-boundary hook in `on_train_batch_end` once an optimizer step has completed, so with gradient
-accumulation the run only pauses where no gradients are half accumulated. Every mutating command
-therefore runs on Lightning's training thread between two optimizer steps.
+output loss every step, `trainer.callback_metrics` at Lightning's `log_every_n_steps`; never an
+extra forward pass). It calls the session's boundary hook in `on_train_batch_end` once an
+optimizer step has completed, so with gradient accumulation the run only pauses where no
+gradients are half accumulated. Every mutating command therefore runs on Lightning's training
+thread between two optimizer steps.
 
 Tests run Lightning's real `Trainer.test` (so `test_step` and `on_test_end` fire) on a second,
 quiet `Trainer` that shares the module: Lightning cannot run `test` from inside `fit`. The
@@ -19,6 +20,7 @@ This module imports Lightning; `import onthefly` never does.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from collections.abc import Mapping
@@ -246,6 +248,12 @@ class LightningDelegate(FrameworkDelegate):
         else:
             accelerator, devices = device.type, 1
         flags = _TorchFlags()
+        options: dict[str, Any] = {}
+        if fit.limit_test_batches != 1.0:
+            options["limit_test_batches"] = fit.limit_test_batches
+        rank_zero_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+        level = rank_zero_log.level
+        rank_zero_log.setLevel(logging.WARNING)  # the fit trainer already told the user about devices
         try:
             self._tester = pl.Trainer(
                 accelerator=accelerator, devices=devices, precision=fit.precision,
@@ -253,9 +261,10 @@ class LightningDelegate(FrameworkDelegate):
                 enable_model_summary=False, callbacks=[self._test_events],
                 deterministic="warn" if flags.warn_only else flags.deterministic,
                 benchmark=flags.cudnn_benchmark, default_root_dir=fit.default_root_dir,
-                limit_test_batches=fit.limit_test_batches, inference_mode=fit.test_loop.inference_mode,
+                inference_mode=fit.test_loop.inference_mode, **options,
             )
         finally:
+            rank_zero_log.setLevel(level)
             flags.restore()
         return self._tester
 
@@ -381,8 +390,10 @@ class OnTheFlyCallback(Callback):
             metrics["loss"] = self._loss_sum if scale == 1 else self._loss_sum * scale
         if self._lr is not None:
             metrics["lr"] = self._lr
+        # What the module logged is read at Lightning's own logging cadence (`log_every_n_steps`).
+        logged = (lambda: _logged_metrics(trainer)) if step % trainer.log_every_n_steps == 0 else None
         self.session.record_step(metrics, step=step, epoch=trainer.current_epoch, batch_in_epoch=batch_idx + 1,
-                                 samples=self._samples, more_metrics=lambda: _logged_metrics(trainer))
+                                 samples=self._samples, more_metrics=logged)
         self._reset_accumulation()
         self.delegate.boundary_hook()
 

@@ -33,6 +33,7 @@ from .base import OnTheFlySessionBase
 from .config import SessionConfig
 
 BATCH_PARAM_NAMES = ("batch", "data", "sample", "samples")
+MEMORY_SAMPLE_S = 1.0
 MODEL_PARAM_NAMES = ("model", "net", "module")
 
 
@@ -155,6 +156,8 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         self._stop_forwarded = False
         self._tp_time = time.perf_counter()
         self._tp_samples = 0
+        self._mem_read_at = float("-inf")
+        self._mem_mib: float | None = None
         self.console.delegate = ExternalControlDelegate(self)
 
     # ---- binding -----------------------------------------------------------------------------
@@ -310,7 +313,10 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
                 fields["weight_norm"] = total_norm([p.detach() for p in params])
                 if fields["grad_norm"] is None:
                     fields["grad_norm"] = total_norm([p.grad.detach() for p in params if p.grad is not None])
-        fields["mem_vram"] = process_memory_mib(self.resolve_device())
+        now = time.monotonic()
+        if now - self._mem_read_at >= MEMORY_SAMPLE_S:  # reading /proc is file I/O: at most once a second
+            self._mem_read_at, self._mem_mib = now, process_memory_mib(self.resolve_device())
+        fields["mem_vram"] = self._mem_mib
 
     def end_epoch(self, val_loss: Any = None, *, epoch: int | None = None) -> None:
         """Close an epoch: emit `epoch_end` (with this epoch's validation loss, if any)."""
