@@ -11,7 +11,14 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from onthefly import Trainer
-from onthefly.mixins.health import HealthMixin, evenly_spaced, metadata_hash, upper_median
+from onthefly.mixins.health import (
+    HealthMixin,
+    activation_bounds,
+    evenly_spaced,
+    is_activation,
+    metadata_hash,
+    upper_median,
+)
 
 from .helpers import CountingLoss, MemoryDashboard, make_dataset, wait_until
 
@@ -92,6 +99,26 @@ def test_evenly_spaced_and_upper_median():
     assert evenly_spaced(items, 1) == ["a"]
     assert evenly_spaced(items, 20) == items
     assert upper_median([3.0, 1.0]) == 3.0 and upper_median([5.0, 1.0, 3.0]) == 3.0 and upper_median([]) is None
+
+
+class MySigmoid(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sigmoid()
+
+
+class ReluBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(2, 2)
+
+
+def test_activation_detection_and_saturation_bounds():
+    assert is_activation(nn.SiLU()) and is_activation(MySigmoid())  # by type, and by a leaf's class name
+    assert not is_activation(ReluBlock()) and not is_activation(nn.Linear(2, 2))  # containers are not activations
+    assert activation_bounds(nn.Sigmoid()) == (0.0, 1.0) and activation_bounds(MySigmoid()) == (0.0, 1.0)
+    assert activation_bounds(nn.Hardtanh(-2.0, 2.0)) == (-2.0, 2.0) and activation_bounds(nn.ReLU6()) == (None, 6.0)
+    assert activation_bounds(nn.LogSigmoid()) is None and activation_bounds(nn.Tanhshrink()) is None
+    assert activation_bounds(nn.ReLU()) is None
 
 
 # ---- numerics_health ------------------------------------------------------------------------------

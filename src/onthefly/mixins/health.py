@@ -299,7 +299,7 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 ACTIVATION_NAME_HINTS = ("relu", "gelu", "silu", "swish", "mish", "sigmoid", "tanh", "softplus")
 
 
-def activation_bounds(module: nn.Module) -> tuple[float | None, float | None] | None:
+def activation_bounds(module: nn.Module) -> tuple[float | None, float] | None:
     """The output range whose edges count as saturation, or None when the activation has none."""
     if isinstance(module, nn.ReLU6):
         return None, 6.0  # its lower edge is zero: counted by zero/dead, not saturation
@@ -309,7 +309,11 @@ def activation_bounds(module: nn.Module) -> tuple[float | None, float | None] | 
         return 0.0, 1.0
     if isinstance(module, (nn.Tanh, nn.Softsign)):
         return -1.0, 1.0
+    if isinstance(module, ACTIVATION_TYPES):
+        return None  # the other known ones (LogSigmoid and Tanhshrink included) have no bounded range
     name = type(module).__name__.lower()
+    if "logsigmoid" in name or "tanhshrink" in name:
+        return None
     if "sigmoid" in name:
         return 0.0, 1.0
     if "tanh" in name:
@@ -355,7 +359,7 @@ class LayerStats:
             sat = torch.zeros((), dtype=zeros.dtype, device=y.device)
         else:
             lo, hi = self.bounds
-            mask = y > hi - self.eps if hi is not None else torch.zeros_like(y, dtype=torch.bool)
+            mask = y > hi - self.eps
             if lo is not None:
                 mask = mask | (y < lo + self.eps)
             sat = mask.sum()
