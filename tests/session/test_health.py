@@ -33,7 +33,7 @@ class Run:
     """A session that trained one epoch and now serves the dashboard."""
 
     def __init__(self, tmp_path, *, policy: str = "user", train_loader: DataLoader | None = None,
-                 val: bool = True, loss_fn: nn.Module | None = None) -> None:
+                 val: bool = True, loss_fn: nn.Module | None = None, start: bool = True) -> None:
         self.trainer = Trainer(project="health", max_epochs=1, transport="memory", save_dir=str(tmp_path),
                                allowed_paths=(str(tmp_path),))
         self.session = self.trainer.session
@@ -54,8 +54,13 @@ class Run:
                         seed=0, data_order_policy=policy),
             daemon=True,
         )
+        if start:
+            self.train()
+
+    def train(self) -> "Run":
         self.thread.start()
         wait_until(lambda: self.dash.events("trainingFinished"), 30, "training to finish")
+        return self
 
     def request(self, cmd: str, payload: dict | None = None) -> dict:
         return self.dash.request(cmd, payload)
@@ -374,3 +379,38 @@ def test_dist_health_single_process_gloo_group(run, tmp_path):
         assert changed["metadata_hash"] == reply["metadata_hash"]
     finally:
         dist.destroy_process_group()
+
+
+# ---- the run itself ---------------------------------------------------------------------------------
+def test_checks_mid_training_leave_the_run_bit_identical(tmp_path):
+    def final_weights(path, with_checks: bool) -> dict[str, torch.Tensor]:
+        holder: dict[str, Run] = {}
+        checks = [("numerics_health", {}), ("activations_health", {"budget_steps": 2}),
+                  ("throughput_health", {"budget_steps": 2, "micro_backward": True}),
+                  ("determinism_health", {}), ("dist_health", {"sample_weights": 3})]
+
+        def send_checks() -> None:  # on the training thread, inside step 5
+            r = holder["run"]
+            for cmd, payload in checks:
+                r.dash.send(cmd, payload, rid=f"mid-{cmd}")
+            wait_until(lambda: r.session.gate.queued >= len(checks), 10, "checks queued at the gate")
+
+        loss = CountingLoss(at_call=5, action=send_checks if with_checks else None)
+        path.mkdir()
+        r = holder["run"] = Run(path, loss_fn=loss, start=False)
+        try:
+            r.train()
+            if with_checks:
+                for cmd, _ in checks:
+                    reply = r.dash.reply(f"mid-{cmd}")
+                    assert reply["ok"], reply
+                    assert "\nStep: 5 | Epoch: 0\n" in reply["data"]["text"]
+            return {k: v.detach().clone() for k, v in r.session.model.state_dict().items()}
+        finally:
+            r.close()
+
+    plain = final_weights(tmp_path / "plain", False)
+    checked = final_weights(tmp_path / "checked", True)
+    assert plain.keys() == checked.keys()
+    for k in plain:
+        assert torch.equal(plain[k], checked[k]), f"{k} differs after health checks mid-training"
