@@ -139,6 +139,9 @@ def test_load_ckpt_runs_on_the_training_thread_between_steps(tmp_path):
                     loaded = driver.join()["load"]
                     after_load = weights(model)
                     step_after_load = session.state.step
+                    position_after_load = session.state.batch_in_epoch
+        server.wait_for_event("trainingFinished")
+        history = events(server)
     main = threading.current_thread().name
     loads = [i for i, t in enumerate(trace) if t[0] == "load"]
     assert len(loads) == 1
@@ -150,6 +153,10 @@ def test_load_ckpt_runs_on_the_training_thread_between_steps(tmp_path):
     assert any(not torch.equal(expected[k], snapshot[k]) for k in expected)  # the load really changed weights
     assert loaded["step"] == 4 and step_after_load == 4
     assert session.state.step == 4 + (len(train) - 9)  # counting resumed from the checkpoint's step
+    # The loop's loader was not moved: the position in the epoch stays, and the epoch ends once, on time.
+    assert position_after_load == 9
+    ends = [e for e in history if e["type"] == "epoch_end"]
+    assert len(ends) == 1 and ends[0]["epoch"] == 0
 
 
 def test_uncaught_error_reports_failed(tmp_path):

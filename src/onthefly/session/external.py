@@ -226,12 +226,15 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         return False
 
     def at_boundary(self) -> None:
+        position = self.state.batch_in_epoch
         super().at_boundary()
         if self._reposition:
-            # A command moved the run (a checkpoint load, a reset): keep counting from its step.
+            # A command moved the run (a checkpoint load, a reset): keep counting from its step and
+            # epoch. The framework's loader was not moved, so the position in the epoch stays.
             self._reposition = False
             self._step_offset = self.state.step - self._framework_step
             self._epoch_offset = self.state.epoch - self._framework_epoch
+            self.state.batch_in_epoch = position
 
     def _forward_stop(self) -> None:
         if self._stop_forwarded:
