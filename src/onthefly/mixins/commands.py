@@ -73,8 +73,9 @@ class CommandsMixin:
 
     def request_stop(self) -> None:
         """End training at the next boundary (also releases a paused loop)."""
-        if self.state.running:
+        if self.state.running or not self._stop_requested:
             self.emit("stopping", step=self.state.step)
+        self._stop_requested = True
         self.state.running = False
         self.gate.wake()
 

@@ -164,8 +164,11 @@ class FeaturesMixin:
         """The training subset a run trains on (None = the whole dataset)."""
         if run_id == self.cfg.run_name:
             return self.active_subset
-        manifest = self.read_manifest(run_id) or {}
-        subset = manifest.get("subset_indices")
+        return self.manifest_subset(run_id)
+
+    def manifest_subset(self, run_id: str) -> list[int] | None:
+        """The training subset recorded in a run's manifest (None = the whole dataset)."""
+        subset = (self.read_manifest(run_id) or {}).get("subset_indices")
         return list(subset) if subset is not None else None
 
     def cmd_export_subset(self, p: ExportSubset) -> dict[str, Any]:

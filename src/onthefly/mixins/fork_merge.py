@@ -111,6 +111,14 @@ class ForkMergeMixin:
         request = {"action": "fork", "payload": dataclasses.asdict(p)}
         return self.console.pause_window(request, lambda: self.do_fork(p))
 
+    def checkpoint_current_run(self) -> str | None:
+        """Before the session leaves the current run, put its latest state on disk (waits for it)."""
+        if self.model is None:
+            return None
+        path, written = self.save_checkpoint()
+        written.result(timeout=600)
+        return path
+
     def do_fork(self, p: Fork) -> dict[str, Any]:
         current = self.cfg.run_name
         parent = p.parent_run_id or current
@@ -119,7 +127,9 @@ class ForkMergeMixin:
         child = self.child_name(p.run_name, "fork")
         hp = p.hparams or ForkHparams()
         self.validate_fork_hparams(hp)
-        init_from = self.load_parent_state(parent, p.parent_ckpt_path)
+        current_ckpt = self.checkpoint_current_run()
+        init_from = current_ckpt if (parent == current and not p.parent_ckpt_path) else \
+            self.load_parent_state(parent, p.parent_ckpt_path)
         indices, selection_meta = self.select_samples(p.selection, p.region)
         if indices.size == 0:
             raise CommandError("the selection matched no samples; nothing to fork on", ErrorCode.BAD_PAYLOAD)
@@ -178,9 +188,7 @@ class ForkMergeMixin:
                 raise CommandError(f"no checkpoint found for parent run {parent!r}", ErrorCode.NOT_FOUND)
             path = latest.path
         else:
-            path_str, written = self.save_checkpoint()
-            written.result(timeout=600)
-            return path_str
+            return self.checkpoint_current_run()
         try:
             self.load_checkpoint_into_state(path)
         except CheckpointError as exc:
@@ -345,6 +353,7 @@ class ForkMergeMixin:
     def do_merge(self, p: Merge, strategy: str) -> dict[str, Any]:
         from ..merging import MergeError, merge_state_dicts
 
+        self.checkpoint_current_run()
         parents, paths = self.merge_inputs(p)
         child = self.child_name(p.new_name, "merge")
         state_dicts = [load_checkpoint(path)["model"] for path in paths]
@@ -404,9 +413,7 @@ class ForkMergeMixin:
         paths = []
         for run in parents:
             if run == self.cfg.run_name:
-                path, written = self.save_checkpoint()
-                written.result(timeout=600)
-                paths.append(Path(path))
+                paths.append(Path(self.checkpoint_current_run()))
                 continue
             latest = self.ring(run).latest() if run in self.known_runs() else None
             if latest is None:
@@ -476,6 +483,7 @@ class ForkMergeMixin:
     def adopt_run(self, run_id: str, ckpt: Path | None = None, *, init_step: int | None = None) -> Path | None:
         """Make `run_id` the current run and load `ckpt` (default: its latest, when switching runs)."""
         if run_id != self.cfg.run_name:
+            self.checkpoint_current_run()
             if ckpt is None:
                 latest = self.ring(run_id).latest() if run_id in self.known_runs() else None
                 ckpt = latest.path if latest else None
@@ -486,7 +494,7 @@ class ForkMergeMixin:
             self._last_saved = None
             if self.read_manifest(run_id) is None:
                 self.start_new_run(run_id, parents=[], meta={"kind": "attached"}, transition=False, emit_new_run=False)
-            self.rebind_train_loader(self.run_subset_indices(run_id))
+            self.rebind_train_loader(self.manifest_subset(run_id))
         if ckpt is not None:
             try:
                 self.load_checkpoint_into_state(ckpt)

@@ -108,6 +108,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self._fatal: str | None = None
         self._reposition = False
         self._restart_requested = False
+        self._stop_requested = False
         self._rng_overridden = False
         self._loop_thread: threading.Thread | None = None
         self._test_lock = threading.Lock()
@@ -193,7 +194,8 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
     # ---- lifecycle ---------------------------------------------------------------------------
     def before_training(self) -> None:
         """Start (or restart) training: emit the opening events once, capture the reset baseline."""
-        self.state.running = True
+        # A `stop` (or `enforce_version`) that arrived before training started still holds.
+        self.state.running = not self._stop_requested
         self.state.training = True
         self.state.status = "running"
         self._loop_thread = threading.current_thread()
