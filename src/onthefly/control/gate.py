@@ -173,6 +173,8 @@ class ConsoleAction:
         self.delegate = delegate
         self.emit = emit
         self.pause_ckpt: str | None = None
+        #: How many times the run has entered a pause (for diagnostics such as determinism_health).
+        self.pause_generation = 0
 
     @property
     def paused(self) -> bool:
@@ -185,6 +187,7 @@ class ConsoleAction:
             return {"status": "paused", "step": step, "ckpt": self.pause_ckpt}
         self.gate.paused = True
         self.gate.pending = True
+        self.pause_generation += 1
         self.pause_ckpt = self.delegate.checkpoint_for_pause() if checkpoint else None
         event: dict[str, Any] = {"step": step, "request": request or {"action": "pause", "reason": "manual"}}
         if self.pause_ckpt is not None:

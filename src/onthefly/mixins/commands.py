@@ -44,6 +44,7 @@ class CommandsMixin:
         self._register_run_commands(router)
         self._register_feature_commands(router)
         self._register_fork_merge_commands(router)
+        self._register_health_commands(router)
 
     # ---- control: pause, resume, stop, set_hparams, reset ------------------------------------
     def _register_control_commands(self, router: CommandRouter) -> None:

@@ -36,6 +36,11 @@ class DeterminismMixin:
         self._effective_policy = self.cfg.data_order_policy
 
     @property
+    def effective_data_order_policy(self) -> str:
+        """The policy in force (a managed policy falls back to `user` for loaders it cannot manage)."""
+        return self._effective_policy
+
+    @property
     def base_seed(self) -> int:
         return int(self.cfg.seed) if self.cfg.seed is not None else 0
 

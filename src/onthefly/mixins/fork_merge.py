@@ -516,6 +516,7 @@ class ForkMergeMixin:
         """
         from ..session_bundle import import_session
 
+        self.flush_manifests()
         info = import_session(bundle, dest_root=self.storage.root)
         source_runs = info.folder / "runs"
         manifests = {}
@@ -558,6 +559,7 @@ class ForkMergeMixin:
             written.result(timeout=600)
             ckpt["path"] = path
         self.bus.flush(timeout=10)
+        self.flush_manifests()
         name = f"bundle-{self.session_id}-step{self.state.step}" + (".tar.gz" if p.archive else "")
         out = self.export_folder(p.dir, name)
         if p.dir and not out.name.endswith((".tar", ".tar.gz", ".tgz")):

@@ -9,23 +9,13 @@ import json
 import os
 import re
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..control.router import CommandRouter
 from ..session.schemas import Empty
-from ..session.storage import safe_component
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON through a temp file, fsync and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+from ..session.storage import safe_component, write_json_atomic
 
 
 class RunManagementMixin:
@@ -35,6 +25,27 @@ class RunManagementMixin:
         self.initial_run_name = self.cfg.run_name
         self.counters = {"fork": _env_int("ONTHEFLY_FORK_COUNTER_INIT"), "merge": _env_int("ONTHEFLY_MERGE_COUNTER_INIT")}
         self._manifests: dict[str, dict[str, Any]] = {}
+        # Manifest files are written (with fsync) off the training thread, in order; readers use
+        # the in-memory copy, so they never wait for the disk either.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onthefly-io")
+        self._io_pending: Future | None = None
+
+    def store_manifest(self, run_id: str, manifest: dict[str, Any]) -> None:
+        """Keep `manifest` as the run's current one and write `run.json` in the background."""
+        self._manifests[run_id] = manifest
+        text = json.dumps(manifest, indent=2, default=str)
+        self._io_pending = self._io.submit(write_json_atomic, self.manifest_path(run_id), text)
+
+    def flush_manifests(self, timeout: float | None = 60.0) -> None:
+        """Wait until every manifest handed to `store_manifest` is on disk (raises a write error)."""
+        pending = self._io_pending
+        if pending is not None:
+            pending.result(timeout)
+
+    def close_run_management(self) -> None:
+        self._io.shutdown(wait=True)
+        if self._io_pending is not None and self._io_pending.exception() is not None:
+            self.log(f"could not write a run manifest: {self._io_pending.exception()}", level="error")
 
     # ---- names -------------------------------------------------------------------------------
     def known_runs(self) -> list[str]:
@@ -82,8 +93,7 @@ class RunManagementMixin:
             return
         manifest.update(changes)
         manifest["updated"] = time.time()
-        self._manifests[run_id] = manifest
-        write_json_atomic(self.manifest_path(run_id), manifest)
+        self.store_manifest(run_id, manifest)
 
     def emit_new_run(self, run_id: str, *, parents: list[str], meta: dict[str, Any],
                      hparams: dict[str, Any] | None = None) -> None:
@@ -100,8 +110,7 @@ class RunManagementMixin:
             "status": "running",
             "created": time.time(),
         }
-        self._manifests[run_id] = manifest
-        write_json_atomic(self.manifest_path(run_id), manifest)
+        self.store_manifest(run_id, manifest)
         self.emit("newRun", run_id=run_id, parents=list(parents),
                   meta={**meta, "display_name": run_id, "run_gen": self.run_gen},
                   project=self.cfg.project, run_name=run_id)
@@ -127,8 +136,7 @@ class RunManagementMixin:
                 "session_id": self.session_id, "parents": list(parents), "kind": meta.get("kind", "root"),
                 "meta": meta, "hparams": hparams or {}, "status": "running", "created": time.time(),
             }
-            self._manifests[run_id] = manifest
-            write_json_atomic(self.manifest_path(run_id), manifest)
+            self.store_manifest(run_id, manifest)
 
     def on_dataset_changed(self, indices: list[int] | None) -> None:
         """The active training subset changed (None = the whole dataset)."""

@@ -209,7 +209,10 @@ class TrainingMixin:
 
     def _record_step(self, metrics: dict[str, Any], batch: Any) -> None:
         st, cfg = self.state, self.cfg
-        self._tp_samples += batch_size_of(batch)
+        if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
+            self._tp_samples += batch[0].shape[0] if batch[0].dim() else 1
+        else:
+            self._tp_samples += batch_size_of(batch)
         step = st.step
         if step % cfg.log_every_n_steps:
             return
@@ -218,14 +221,17 @@ class TrainingMixin:
         throughput = self._tp_samples / elapsed if elapsed > 0 else None
         self._tp_time, self._tp_samples = now, 0
         outputs = metrics.pop("_outputs", None)
-        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        groups = self.optimizer.param_groups if self.optimizer is not None else ()
+        lr = None
+        if groups:
+            lr = groups[0]["lr"] if len(groups) == 1 else sum(g["lr"] for g in groups) / len(groups)
         fields: dict[str, Any] = {
             "step": step,
             "epoch": st.epoch,
             "loss": metrics.get("loss"),
             "val_loss": st.last_val_loss,
             "accuracy": metrics.get("accuracy"),
-            "lr": sum(g["lr"] for g in groups) / len(groups) if groups else None,
+            "lr": lr,
             "grad_norm": metrics.get("grad_norm"),
             "weight_norm": None,
             "activation_zero_frac": None,
@@ -235,11 +241,12 @@ class TrainingMixin:
         }
         if step % cfg.diagnostics_every_n_steps == 0:
             self._add_diagnostics(fields, outputs, batch)
-        for key, value in metrics.items():
-            if key not in fields:
-                fields[key] = value
+        if len(metrics) > 2:
+            for key, value in metrics.items():
+                if key not in fields:
+                    fields[key] = value
         st.last_metrics = fields
-        self.emit("trainStep", **fields)
+        self.bus.emit("trainStep", fields)
 
     def _add_diagnostics(self, fields: dict[str, Any], outputs: Any, batch: Any) -> None:
         """The costlier metrics, at `diagnostics_every_n_steps`: still on-device tensors."""

@@ -37,6 +37,7 @@ from ..mixins.determinism import DeterminismMixin
 from ..mixins.events import EventsMixin
 from ..mixins.features import FeaturesMixin
 from ..mixins.fork_merge import ForkMergeMixin
+from ..mixins.health import HealthMixin
 from ..mixins.run_management import RunManagementMixin
 from .config import SessionConfig
 from .state import RunState
@@ -63,7 +64,7 @@ def make_channel(cfg: SessionConfig) -> Channel:
 
 
 class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunManagementMixin, ForkMergeMixin,
-                          FeaturesMixin, CommandsMixin):
+                          FeaturesMixin, HealthMixin, CommandsMixin):
     """The framework-neutral session. Subclasses decide who drives the batches."""
 
     def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
@@ -256,6 +257,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self.gate.close()
         self.dispatcher.stop()
         self.close_checkpointing(timeout=timeout)
+        self.close_run_management()
         self.bus.close(timeout=timeout)
 
     def __enter__(self) -> "OnTheFlySessionBase":

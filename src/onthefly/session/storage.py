@@ -7,6 +7,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 from ..control.errors import ErrorCode, ProtocolError
 
@@ -20,6 +21,18 @@ def safe_component(name: str, fallback: str = "run") -> str:
     if not cleaned:
         return fallback
     return cleaned[:120]
+
+
+def write_json_atomic(path: Path, data: dict[str, Any] | str) -> None:
+    """Write JSON through a temp file, fsync and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = data if isinstance(data, str) else json.dumps(data, indent=2, default=str)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def default_root() -> Path:
@@ -42,9 +55,7 @@ class SessionStorage:
         self.folder.mkdir(parents=True, exist_ok=True)
         marker = self.folder / MARKER
         if not marker.exists():
-            tmp = marker.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"session_id": self.session_id, "created": time.time(), **info}))
-            os.replace(tmp, marker)
+            write_json_atomic(marker, {"session_id": self.session_id, "created": time.time(), **info})
 
     @property
     def events_db(self) -> Path:
