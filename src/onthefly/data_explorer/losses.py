@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .calling import CallCache, cache_for, compute_batch_loss
 from .scan import run_scan
+from .batches import batch_size_of
 from .spool import ChunkedArraySpool
 
 
@@ -85,8 +86,15 @@ def compute_per_sample_losses(
     call_cache = cache_for(model, cache)
     methods: Counter[str] = Counter()
 
+    guarded_sizes: set[int] = set()
+
     def batch_losses(batch: Any) -> torch.Tensor:
-        per = compute_batch_loss(model, batch, loss_fn, per_sample=True, cache=call_cache)
+        # Shape/broadcast warnings depend on the batch's shape, not its values: guard each new
+        # batch size once (typically the first batch and the last, partial one), not every batch.
+        size = batch_size_of(batch)
+        guard = size not in guarded_sizes
+        per = compute_batch_loss(model, batch, loss_fn, per_sample=True, cache=call_cache, warning_guard=guard)
+        guarded_sizes.add(size)
         methods[call_cache.per_sample_method or ""] += 1
         return per
 
