@@ -62,12 +62,12 @@ def to_jsonable(obj: Any) -> Any:
 
 def encode_text(obj: Any) -> str:
     """Encode `obj` as compact JSON text on one line that is always valid UTF-8; never raises."""
-    if _orjson is not None:
-        try:
-            return _orjson.dumps(obj, default=_default, option=_ORJSON_OPTIONS).decode("utf-8")
-        except Exception:  # noqa: BLE001 - anything orjson refuses takes the thorough path below
-            pass
-    return _encode_text_stdlib(obj)
+    if _orjson is None:
+        return _encode_text_stdlib(obj)
+    try:
+        return _orjson.dumps(obj, default=_default, option=_ORJSON_OPTIONS).decode("utf-8")
+    except Exception:  # noqa: BLE001 - what orjson refuses (lone surrogates, huge ints) takes the thorough path
+        return _encode_text_stdlib(obj)
 
 
 def _encode_text_stdlib(obj: Any) -> str:
@@ -90,12 +90,12 @@ def _encode_text_stdlib(obj: Any) -> str:
 
 def encode_line(obj: Any) -> bytes:
     """Encode `obj` as one compact UTF-8 JSON line ending in b"\\n"; never raises."""
-    if _orjson is not None:
-        try:
-            return _orjson.dumps(obj, default=_default, option=_ORJSON_LINE)
-        except Exception:  # noqa: BLE001 - anything orjson refuses takes the thorough path below
-            pass
-    return _encode_text_stdlib(obj).encode("utf-8") + b"\n"
+    if _orjson is None:
+        return _encode_text_stdlib(obj).encode("utf-8") + b"\n"
+    try:
+        return _orjson.dumps(obj, default=_default, option=_ORJSON_LINE)
+    except Exception:  # noqa: BLE001 - what orjson refuses (lone surrogates, huge ints) takes the thorough path
+        return _encode_text_stdlib(obj).encode("utf-8") + b"\n"
 
 
 def _default(obj: Any) -> Any:
