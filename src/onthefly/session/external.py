@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import threading
 import time
+import weakref
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -346,16 +348,24 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         super().before_training()
 
     def close_at_exit(self) -> None:
-        """Close (flush events and checkpoints) when the interpreter exits, unless closed before."""
-        atexit.register(self._close_at_exit)
+        """Close (report the end, flush events and checkpoints) when the interpreter exits.
 
-    def _close_at_exit(self) -> None:
-        self.close()
+        The hook runs at thread shutdown, before the interpreter stops the thread pools that the
+        session's file writes use (a plain `atexit` handler runs after that); it holds only a weak
+        reference, so a session closed and dropped earlier is not kept alive.
+        """
+        ref = weakref.ref(self)
 
-    def close(self, timeout: float = 10.0) -> None:
-        if not self._closed:
-            atexit.unregister(self._close_at_exit)
-        super().close(timeout)
+        def close_if_alive() -> None:
+            session = ref()
+            if session is not None:
+                session.close()
+
+        register = getattr(threading, "_register_atexit", None)  # what concurrent.futures itself uses
+        if register is not None:
+            register(close_if_alive)
+        else:
+            atexit.register(close_if_alive)
 
     def release_loop(self) -> None:
         """The framework's loop has ended: fail commands nobody will run, flush files and events."""
