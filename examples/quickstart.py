@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                           model_factory=lambda: nn.Sequential(nn.Linear(20, 64), nn.ReLU(),
                                                               nn.Dropout(0.1), nn.Linear(64, 4)))
     latest = session.ring().latest()
+    val = session.state.last_val_loss
     print(f"finished: {session.state.status} at step {session.state.step}, "
-          f"val_loss={session.state.last_val_loss:.4f}")
+          f"val_loss={'n/a' if val is None else f'{val:.4f}'}")
     print(f"session folder : {session.storage.folder}")
     print(f"event log      : {session.storage.events_db} ({session.bus.last_seq()} events)")
     print(f"checkpoints    : {session.ring().directory} (latest: {latest.path.name if latest else 'none'})")
