@@ -82,3 +82,26 @@ def test_opening_events_and_metrics(tmp_path):
     assert all(s["mem_vram"] > 0 for s in even)
     epoch_end = dash.events("epoch_end")
     assert len(epoch_end) == 1 and epoch_end[0]["val_loss"] > 0
+
+
+def test_stop_ends_training_after_the_current_batch(tmp_path):
+    from .helpers import CountingLoss, wait_until
+
+    trainer, dash = make_trainer(tmp_path)
+    session = trainer.session
+    trainer.config.max_epochs = 50
+    session.cfg.max_epochs = 50
+
+    def send_stop() -> None:
+        dash.send("stop", rid="s")
+        wait_until(lambda: not session.state.running, what="stop to be handled")
+
+    model = make_model()
+    train, _ = loaders("user", 0)
+    trainer.fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                loss_fn=CountingLoss(at_call=5, action=send_stop), train_loader=train)
+    steps = [e["step"] for e in dash.events("trainStep")]
+    assert steps == [1, 2, 3, 4, 5]
+    assert dash.events("epoch_end") == []
+    assert dash.events("trainingFinished")[0]["status"] == "stopped"
+    assert dash.reply("s")["data"]["status"] == "stopping"

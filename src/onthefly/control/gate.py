@@ -60,6 +60,12 @@ class PauseGate:
         with self._cv:
             self._cv.notify_all()
 
+    def interrupt(self) -> None:
+        """Make the loop stop at its next boundary to re-check its state (e.g. after `stop`)."""
+        with self._cv:
+            self.pending = True
+            self._cv.notify_all()
+
     @property
     def queued(self) -> int:
         return len(self._jobs)

@@ -78,7 +78,7 @@ class CommandsMixin:
             self.emit("stopping", step=self.state.step)
         self._stop_requested = True
         self.state.running = False
-        self.gate.wake()
+        self.gate.interrupt()
 
     def cmd_enforce_version(self, p: EnforceVersion) -> dict[str, Any]:
         self._fatal = p.message
