@@ -242,7 +242,7 @@ def test_activations_health_without_loaders_is_not_found_and_registers_nothing(r
 
 # ---- throughput_health ----------------------------------------------------------------------------
 def test_throughput_health_times_forward_and_real_backward_leaving_grads(run):
-    model, session = run.session.model, run.session
+    model = run.session.model
     model[0].bias.grad = None  # a parameter without a grad must stay without one
     params = list(model.parameters())
     grads = [p.grad for p in params]

@@ -7,7 +7,6 @@ gate); the others are answered at once by the command-drain thread.
 
 from __future__ import annotations
 
-import os
 import shutil
 from concurrent.futures import Future
 from typing import Any
