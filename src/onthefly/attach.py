@@ -29,7 +29,7 @@ from torch import nn
 
 from .control.channels import Channel
 from .session.config import SessionConfig
-from .session.external import OnTheFlyExternalSession
+from .session.external import EXTERNAL_DIAGNOSTICS_EVERY, OnTheFlyExternalSession
 
 
 class OwnLoopSession(OnTheFlyExternalSession):
@@ -182,6 +182,7 @@ def attach(
     `log_every_n_steps`, `do_test_after`, `ckpt_keep`) may be passed as keywords.
     """
     settings.setdefault("serve_after_training", False)
+    settings.setdefault("diagnostics_every_n_steps", EXTERNAL_DIAGNOSTICS_EVERY)
     config = SessionConfig(project=project, run_name=run_name, transport=transport, save_dir=save_dir,
                            dashboard_port=dashboard_port, **settings)
     session = OwnLoopSession(config, channel=channel)

@@ -37,7 +37,7 @@ from ..control.channels import Channel
 from ..control.errors import CommandError, ErrorCode
 from ..data_explorer.batches import batch_size_of
 from ..session.config import SessionConfig
-from ..session.external import OnTheFlyExternalSession, mean_lr
+from ..session.external import EXTERNAL_DIAGNOSTICS_EVERY, OnTheFlyExternalSession, mean_lr
 from .base import FrameworkDelegate, TestOutcome
 
 __all__ = ["LightningDelegate", "OnTheFlyCallback", "attach_lightning", "canonical_metric_name"]
@@ -485,6 +485,7 @@ def attach_lightning(
     if not isinstance(model, pl.LightningModule):
         raise TypeError(f"model must be a lightning.pytorch.LightningModule, got {type(model).__name__}")
     settings.setdefault("serve_after_training", False)
+    settings.setdefault("diagnostics_every_n_steps", EXTERNAL_DIAGNOSTICS_EVERY)
     config = SessionConfig(project=project, run_name=run_name, do_test_after=do_test_after, transport=transport,
                            save_dir=save_dir, dashboard_port=dashboard_port, **settings)
     delegate = LightningDelegate(trainer, datamodule=datamodule, test_loader=test_loader,
