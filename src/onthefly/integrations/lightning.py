@@ -330,6 +330,7 @@ class OnTheFlyCallback(Callback):
         self._epoch_val: float | None = None
         self._lr: float | None = None
         self._loss_scale = 1
+        self._warned_batch_size = False
 
     @property
     def session(self) -> OnTheFlyExternalSession:
@@ -378,7 +379,7 @@ class OnTheFlyCallback(Callback):
         if loss is not None:
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._loss_count += 1
-        self._samples += batch_size_of(batch)
+        self._samples += self._batch_samples(batch)
         step = trainer.global_step
         if step == self._seen_step:
             return  # gradients are still being accumulated: not a safe boundary
@@ -396,6 +397,16 @@ class OnTheFlyCallback(Callback):
                                  samples=self._samples, more_metrics=logged)
         self._reset_accumulation()
         self.delegate.boundary_hook()
+
+    def _batch_samples(self, batch: Any) -> int:
+        """Samples in a batch, for throughput; a batch without a batch dimension counts as 0."""
+        try:
+            return batch_size_of(batch)
+        except ValueError as exc:
+            if not self._warned_batch_size:
+                self._warned_batch_size = True
+                self.session.log(f"throughput is not reported: {exc}", level="warn")
+            return 0
 
     def _reset_accumulation(self) -> None:
         self._loss_sum, self._loss_count, self._samples, self._lr = None, 0, 0, None
