@@ -10,7 +10,9 @@ loopback dashboard listening <= 1.05x.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -78,35 +80,53 @@ def with_trainer(loader: DataLoader, epochs: int, transport: str, port: int | No
     return since(start)
 
 
+def child(variant: str, samples: int, epochs: int, port: int | None) -> None:
+    """One measurement in a fresh interpreter: warm up, then time one training; print JSON."""
+    torch.set_num_threads(1)
+    loader = make_loader(samples)
+    root = tempfile.mkdtemp(prefix="onthefly-bench-")
+    run: Callable[[], Timing]
+    if variant == "plain":
+        run = lambda: plain(loader, epochs)  # noqa: E731
+    elif variant == "trainer (no dashboard)":
+        run = lambda: with_trainer(loader, epochs, "off", None, root)  # noqa: E731
+    else:
+        run = lambda: with_trainer(loader, epochs, "tcp", port, root)  # noqa: E731
+    run()  # warm-up: first-call costs (allocator, kernels, lazy imports) hit every variant alike
+    wall, cpu = run()
+    print(json.dumps({"wall": wall, "cpu": cpu}))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--samples", type=int, default=20000)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    loader = make_loader(args.samples)
-    root = tempfile.mkdtemp(prefix="onthefly-bench-")
-    names = ("plain", "trainer (no dashboard)", "trainer (dashboard)")
+    if args.child:
+        child(args.child, args.samples, args.epochs, args.port)
+        return 0
+    names = ["plain", "trainer (no dashboard)", "trainer (dashboard)"]
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     with loopback_dashboard() as port:
-        variants: dict[str, Callable[[], Timing]] = {
-            "plain": lambda: plain(loader, args.epochs),
-            "trainer (no dashboard)": lambda: with_trainer(loader, args.epochs, "off", None, root),
-            "trainer (dashboard)": lambda: with_trainer(loader, args.epochs, "tcp", port, root),
-        }
-        for fn in variants.values():  # warm-up
-            fn()
-        for _ in range(args.runs):
-            for name, fn in variants.items():
-                w, c = fn()
-                wall[name].append(w)
-                cpu[name].append(c)
-    steps = args.epochs * len(loader)
+        for run in range(args.runs):
+            # Every measurement is a fresh process (a long-lived process slows down as it ages,
+            # which would favour whichever variant ran first); the order rotates every run.
+            order = names[run % 3:] + names[:run % 3]
+            for name in order:
+                cmd = [sys.executable, __file__, "--child", name, "--samples", str(args.samples),
+                       "--epochs", str(args.epochs), "--port", str(port)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                result = json.loads(out.strip().splitlines()[-1])
+                wall[name].append(result["wall"])
+                cpu[name].append(result["cpu"])
+    steps = args.epochs * len(make_loader(args.samples))
     print(f"MLP 32-256-256-10, batch 64, {args.samples} samples x {args.epochs} epoch(s) = {steps} steps, "
-          f"Adam, 1 thread, {args.runs} interleaved runs")
-    print("  ratio = median over runs of (variant / plain in the same run); wall time, and CPU time of the")
+          f"Adam, 1 thread, {args.runs} runs per variant (each a fresh process, order rotated)")
+    print("  ratio = median over runs of (variant / plain of the same run); wall time, and CPU time of the")
     print("  process (all threads: what the variant costs, whatever else the machine is doing)")
     for name in names:
         w_ratio = median([v / p for v, p in zip(wall[name], wall["plain"])])
