@@ -64,6 +64,7 @@ def test_pause_status_test_save_resume_is_bit_exact(tmp_path, accumulate):
         server.wait_connected()
         trainer.fit(model, train, val)
         results = holder["driver"].join()
+        server.wait_for_event("trainingFinished", timeout=30)  # the last events are in flight
         history = events(server)
     assert trigger.fired
     assert_same_weights(weights(reference), weights(model))
@@ -166,6 +167,7 @@ def test_load_ckpt_of_a_lightning_checkpoint_lands_between_two_steps(tmp_path):
         server.wait_connected()
         trainer.fit(model, train, val)
         reply = holder["driver"].join()["load"]
+        server.wait_for_event("trainingFinished", timeout=30)  # the last events are in flight
         history = events(server)
     trace = model.trace
     start = trace.index(("load_start", 9, "MainThread"))

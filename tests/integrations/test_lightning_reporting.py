@@ -139,6 +139,7 @@ def test_set_hparams_and_reset_reach_lightnings_optimizer(tmp_path):
         server.wait_connected()
         trainer.fit(model, train, val)
         results = holder["driver"].join()
+        server.wait_for_event("trainingFinished", timeout=30)  # the last events are in flight
         history = events(server)
     assert results["pause"]["step"] == 4
     assert results["set"]["param_groups"][0]["lr"] == 0.5

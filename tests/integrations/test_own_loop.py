@@ -67,6 +67,7 @@ def test_pause_mid_epoch_is_bit_exact(tmp_path, workers):
     with dashboard() as server:
         model, session, driver = own_loop(tmp_path / "b", server, workers=workers, at_step=11, script=pause_script)
         results = driver.join()
+        server.wait_for_event("trainingFinished", timeout=30)  # the last events are in flight
         history = events(server)
     assert_same_weights(reference, weights(model))
     assert results["paused"]["status"] == "paused" and results["paused"]["step"] == 11
