@@ -46,7 +46,7 @@ class CommandDispatcher:
 
     def _drain(self) -> None:
         while not self._stop.is_set():
-            request = self.bus.next_request(timeout=0.1)
+            request = self.bus.next_request(timeout=None)  # stop() wakes it with wake_readers()
             if request is not None:
                 self.dispatch(request)
 
