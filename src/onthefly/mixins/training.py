@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from ..data_explorer import batch_size_of, move_to_device
+from ..session.state import train_step_fields
 
 
 def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
@@ -225,20 +226,8 @@ class TrainingMixin:
         lr = None
         if groups:
             lr = groups[0]["lr"] if len(groups) == 1 else sum(g["lr"] for g in groups) / len(groups)
-        fields: dict[str, Any] = {
-            "step": step,
-            "epoch": st.epoch,
-            "loss": metrics.get("loss"),
-            "val_loss": st.last_val_loss,
-            "accuracy": metrics.get("accuracy"),
-            "lr": lr,
-            "grad_norm": metrics.get("grad_norm"),
-            "weight_norm": None,
-            "activation_zero_frac": None,
-            "throughput": throughput,
-            "mem_vram": None,
-            "gpu_util": None,
-        }
+        fields = train_step_fields(st, loss=metrics.get("loss"), accuracy=metrics.get("accuracy"), lr=lr,
+                                   grad_norm=metrics.get("grad_norm"), throughput=throughput)
         if step % cfg.diagnostics_every_n_steps == 0:
             self._add_diagnostics(fields, outputs, batch)
         if len(metrics) > 2:

@@ -33,6 +33,7 @@ from ..sampler_utils import clone_loader
 from ..session.schemas import Empty
 from .base import OnTheFlySessionBase
 from .config import SessionConfig
+from .state import train_step_fields
 
 BATCH_PARAM_NAMES = ("batch", "data", "sample", "samples")
 MEMORY_SAMPLE_S = 1.0
@@ -285,20 +286,8 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         if lr is None and self.optimizer is not None:
             lr = mean_lr(self.optimizer)
         extra = metrics if more_metrics is None else {**more_metrics(), **metrics}
-        fields: dict[str, Any] = {
-            "step": st.step,
-            "epoch": st.epoch,
-            "loss": extra.get("loss"),
-            "val_loss": st.last_val_loss,
-            "accuracy": extra.get("accuracy"),
-            "lr": lr,
-            "grad_norm": extra.get("grad_norm"),
-            "weight_norm": None,
-            "activation_zero_frac": None,
-            "throughput": throughput,
-            "mem_vram": None,
-            "gpu_util": None,
-        }
+        fields = train_step_fields(st, loss=extra.get("loss"), accuracy=extra.get("accuracy"), lr=lr,
+                                   grad_norm=extra.get("grad_norm"), throughput=throughput)
         if st.step % cfg.diagnostics_every_n_steps == 0:
             self._add_diagnostics(fields)
         for key, value in extra.items():
