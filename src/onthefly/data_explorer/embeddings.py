@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from .batches import batch_size_of, split_batch
 from .calling import CallCache, cache_for, call_model, ensure_tensor_output
 from .scan import run_scan
-from .spool import ChunkedArraySpool
+from .spool import ChunkedArraySpool, close_spools, spooled_as_arrays
 
 EXPLORER_EXTRA = "pip install 'onthefly[explorer]'"
 
@@ -39,14 +39,10 @@ class EmbeddingResult:
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """(embeddings, indices) as arrays (memory-mapped for spools: valid until `close`)."""
-        if isinstance(self.embeddings, ChunkedArraySpool):
-            return self.embeddings.to_numpy(), self.indices.to_numpy()  # type: ignore[union-attr]
-        return self.embeddings, self.indices  # type: ignore[return-value]
+        return spooled_as_arrays(self.embeddings, self.indices)  # type: ignore[return-value]
 
     def close(self) -> None:
-        for part in (self.embeddings, self.indices):
-            if isinstance(part, ChunkedArraySpool):
-                part.close()
+        close_spools(self.embeddings, self.indices)
 
 
 def last_linear_layer(model: nn.Module) -> nn.Linear:

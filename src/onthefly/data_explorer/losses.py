@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from .calling import CallCache, cache_for, compute_batch_loss
 from .scan import run_scan
 from .batches import batch_size_of
-from .spool import ChunkedArraySpool
+from .spool import ChunkedArraySpool, close_spools, spooled_as_arrays
 
 
 @dataclass
@@ -36,15 +36,11 @@ class PerSampleResult:
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """(losses, indices) as arrays (memory-mapped for spools: valid until `close`)."""
-        if isinstance(self.losses, ChunkedArraySpool):
-            return self.losses.to_numpy(), self.indices.to_numpy()  # type: ignore[union-attr]
-        return self.losses, self.indices  # type: ignore[return-value]
+        return spooled_as_arrays(self.losses, self.indices)  # type: ignore[return-value]
 
     def close(self) -> None:
         """Remove spool files (no-op for in-memory results)."""
-        for part in (self.losses, self.indices):
-            if isinstance(part, ChunkedArraySpool):
-                part.close()
+        close_spools(self.losses, self.indices)
 
     def __enter__(self) -> PerSampleResult:
         return self

@@ -181,3 +181,15 @@ class ChunkedArraySpool:
 def _close_and_remove(file: Any, path: str) -> None:
     file.close()
     _remove_file(path)
+
+
+def spooled_as_arrays(*parts: "np.ndarray | ChunkedArraySpool") -> tuple[np.ndarray, ...]:
+    """Each part as an array: spools as their memory-mapped view (valid until closed)."""
+    return tuple(p.to_numpy() if isinstance(p, ChunkedArraySpool) else p for p in parts)
+
+
+def close_spools(*parts: "np.ndarray | ChunkedArraySpool") -> None:
+    """Remove the files of the parts that are spools (arrays need nothing)."""
+    for part in parts:
+        if isinstance(part, ChunkedArraySpool):
+            part.close()
