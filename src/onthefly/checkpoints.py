@@ -12,14 +12,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import copy
-import errno
 import logging
 import os
 import pickle
 import queue
 import random
 import re
-import secrets
 import threading
 import zipfile
 from collections.abc import Callable, Mapping
@@ -50,6 +48,8 @@ __all__ = [
     "step_from_filename",
     "write_atomically",
 ]
+
+from .fileio import atomic_write, fsync_directory  # noqa: F401  (fsync_directory is re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -311,59 +311,16 @@ def _describe(value: Any) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def fsync_directory(directory: str | os.PathLike[str]) -> None:
-    """Flush a folder's entry table so a completed `os.replace` survives a power cut."""
-    if os.name != "posix":
-        # Windows cannot open a folder as a file; NTFS journals the rename itself.
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-        log.debug("filesystem of %s does not support fsync on folders (%s); skipped", directory, exc)
-    finally:
-        os.close(fd)
-
-
 def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file through `.<name>.tmp-<pid>-<rand>` in the same folder, fsync, os.replace.
-
-    `write` receives the open binary temp file. Readers see the old file or the new one, never a
-    partial one; on any failure the temp file is removed and the target is left untouched.
-    Failures are raised as `CheckpointError` naming `path`.
-    """
+    """`fileio.atomic_write`, with failures raised as `CheckpointError` naming `path`."""
     target = Path(path)
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CheckpointError(target, f"cannot create its folder: {exc}") from exc
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(temp, "xb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, target)
-        fsync_directory(target.parent)
-    except BaseException as exc:
-        _remove_quietly(temp)
-        if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
-            raise CheckpointError(
-                target, f"could not be written ({type(exc).__name__}: {exc})"
-            ) from exc
+        return atomic_write(target, write)
+    except CheckpointError:
         raise
-    return target
-
-
-def _remove_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        log.warning("could not remove temp file %s after a failed write: %s", path, exc)
+    except Exception as exc:
+        problem = "cannot create its folder" if not target.parent.is_dir() else "could not be written"
+        raise CheckpointError(target, f"{problem} ({type(exc).__name__}: {exc})") from exc
 
 
 def save_checkpoint(

@@ -17,7 +17,6 @@ This module is pure Python; it must not import torch.
 from __future__ import annotations
 
 import abc
-import ipaddress
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
+
+from .control.channels import is_loopback_host  # no torch: the client stays light
 
 __all__ = [
     "DEFAULT_PORT",
@@ -105,16 +106,6 @@ def resolve_port(port: int | None) -> int:
     if not 0 <= port <= 65535:
         raise ValueError(f"{where} must be in 0..65535, got {port}")
     return port
-
-
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` names this machine only (127.0.0.0/8, ::1 or `localhost`)."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def encode_request(cmd: str, payload: dict[str, Any] | None, request_id: str | None) -> bytes:

@@ -9,7 +9,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from ..fileio import atomic_write
 from .batches import TARGET_KEYS
 from .scan import root_dataset
 
@@ -37,33 +37,6 @@ class ExportResult:
     rows: int
     format: str
     columns: list[str]
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> None:
-    """Write a file via `write(f)` into a temp file beside it, fsync, then `os.replace` it in place.
-
-    A crash leaves either the old file or the new one, never a partial file.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory handles: the rename itself is still atomic
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def format_for(path: str | os.PathLike[str], format: str | None = None) -> str:

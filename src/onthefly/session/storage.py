@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write
 from ..control.errors import ErrorCode, ProtocolError
 
 MARKER = "session.json"
@@ -24,15 +25,9 @@ def safe_component(name: str, fallback: str = "run") -> str:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any] | str) -> None:
-    """Write JSON through a temp file, fsync and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write JSON atomically (temp file, fsync, rename), so readers never see half a file."""
     text = data if isinstance(data, str) else json.dumps(data, indent=2, default=str)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def default_root() -> Path:
