@@ -26,6 +26,7 @@ def fit(tmp_path, server, *, callbacks=(), accumulate=1, **attach_kw):
     trainer = make_trainer(callbacks=list(callbacks), accumulate_grad_batches=accumulate)
     train, val, test = loaders()
     session = onthefly.attach_lightning(trainer=trainer, model=model, project="lit", test_loader=test,
+                                        log_every_n_steps=1,
                                         transport="tcp", dashboard_port=server.port, save_dir=str(tmp_path),
                                         **attach_kw)
     server.wait_connected()
@@ -58,7 +59,7 @@ def test_pause_status_test_save_resume_is_bit_exact(tmp_path, accumulate):
         trainer = make_trainer(callbacks=[trigger], accumulate_grad_batches=accumulate)
         train, val, test = loaders()
         session = onthefly.attach_lightning(trainer=trainer, model=model, project="lit", test_loader=test,
-                                            transport="tcp", dashboard_port=server.port,
+                                            log_every_n_steps=1, transport="tcp", dashboard_port=server.port,
                                             save_dir=str(tmp_path / "b"))
         holder["session"] = session
         server.wait_connected()
@@ -91,6 +92,7 @@ def test_acceptance_flow_with_stop(tmp_path):
         trainer = make_trainer(callbacks=[AtStep(5, action), AtStep(8, stop_action)])
         train, val, test = loaders()
         session = onthefly.attach_lightning(trainer=trainer, model=model, project="lit", test_loader=test,
+                                            log_every_n_steps=1,
                                             transport="tcp", dashboard_port=server.port, save_dir=str(tmp_path))
         holder["session"] = stop_holder["session"] = session
         server.wait_connected()
@@ -151,6 +153,7 @@ def test_load_ckpt_of_a_lightning_checkpoint_lands_between_two_steps(tmp_path):
         model = LitClassifier()
         trainer = make_trainer(max_epochs=1, callbacks=[AtStep(8, action_and_mark), AfterLoad()])
         session = onthefly.attach_lightning(trainer=trainer, model=model, project="lit", transport="tcp",
+                                            log_every_n_steps=1,
                                             dashboard_port=server.port, save_dir=str(tmp_path / "s"),
                                             allowed_paths=(str(tmp_path),))
         holder["session"] = session

@@ -37,7 +37,7 @@ def own_loop(tmp_path, server, *, workers=0, epochs=2, at_step=None, script=None
     train, test = make_loaders(workers)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     session = onthefly.attach(model=model, optimizer=opt, loss_fn=loss_fn, train_loader=train, test_loader=test,
-                              project="own", transport="tcp", dashboard_port=server.port,
+                              log_every_n_steps=1, project="own", transport="tcp", dashboard_port=server.port,
                               save_dir=str(tmp_path), **settings)
     server.wait_connected()
     driver = None

@@ -11,6 +11,7 @@ from .helpers import MemoryDashboard, loaders, make_model
 
 
 def make_trainer(tmp_path, **kw):
+    kw.setdefault("log_every_n_steps", 1)  # these tests follow every step's event
     trainer = Trainer(project="life", max_epochs=1, transport="memory", save_dir=str(tmp_path),
                       serve_after_training=False, **kw)
     trainer.session.channel.connect()
@@ -61,7 +62,8 @@ def test_keyboard_interrupt_reports_stopped(tmp_path):
 
 
 def test_opening_events_and_metrics(tmp_path):
-    trainer, dash = make_trainer(tmp_path, log_every_n_steps=1, diagnostics_every_n_steps=2)
+    trainer, dash = make_trainer(tmp_path, log_every_n_steps=1, diagnostics_every_n_steps=2,
+                                 diagnostics_interval_s=0)
     model = make_model()
     train, test = loaders("user", 0)
     trainer.fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),

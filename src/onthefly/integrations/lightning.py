@@ -37,7 +37,8 @@ from ..control.channels import Channel
 from ..control.errors import CommandError, ErrorCode
 from ..data_explorer.batches import batch_size_of
 from ..session.config import SessionConfig
-from ..session.external import EXTERNAL_DIAGNOSTICS_EVERY, OnTheFlyExternalSession, mean_lr
+from ..session.external import EXTERNAL_DIAGNOSTICS_EVERY, OnTheFlyExternalSession
+from ..telemetry import mean_lr
 from .base import FrameworkDelegate, TestOutcome
 
 __all__ = ["LightningDelegate", "OnTheFlyCallback", "attach_lightning", "canonical_metric_name"]
@@ -391,10 +392,9 @@ class OnTheFlyCallback(Callback):
             metrics["loss"] = self._loss_sum if scale == 1 else self._loss_sum * scale
         if self._lr is not None:
             metrics["lr"] = self._lr
-        # What the module logged is read at Lightning's own logging cadence (`log_every_n_steps`).
-        logged = (lambda: _logged_metrics(trainer)) if step % trainer.log_every_n_steps == 0 else None
+        # What the module logged (its latest values) is read only for the steps that are reported.
         self.session.record_step(metrics, step=step, epoch=trainer.current_epoch, batch_in_epoch=batch_idx + 1,
-                                 samples=self._samples, more_metrics=logged)
+                                 samples=self._samples, more_metrics=lambda: _logged_metrics(trainer))
         self._reset_accumulation()
         self.delegate.boundary_hook()
 

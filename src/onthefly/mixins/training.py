@@ -7,37 +7,13 @@ them when it encodes the event, so the training thread never waits on a host syn
 
 from __future__ import annotations
 
-import contextlib
-import time
 from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 
 import torch
 
 from ..data_explorer import batch_size_of, move_to_device
-from ..session.state import train_step_fields
-
-
-def total_norm(tensors: list[torch.Tensor]) -> torch.Tensor | None:
-    """L2 norm over many tensors, computed on their device (no host sync)."""
-    if not tensors:
-        return None
-    norms = torch._foreach_norm(tensors) if hasattr(torch, "_foreach_norm") else [t.norm() for t in tensors]
-    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
-
-
-def process_memory_mib(device: torch.device) -> float | None:
-    """CUDA memory allocated, or this process's resident memory on CPU (MiB)."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            pages = int(fh.read().split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    import resource
-
-    return pages * resource.getpagesize() / 2**20
+from ..telemetry import mean_lr
 
 
 StepFn = Callable[[Any], dict[str, Any]]
@@ -72,7 +48,6 @@ class TrainingMixin:
     def _run_epochs(self) -> None:
         cfg, st = self.cfg, self.state
         self._step_fn = self._make_step_fn()
-        self._reset_throughput()
         while st.running:
             if cfg.max_epochs is not None and st.epoch >= cfg.max_epochs:
                 break
@@ -85,6 +60,7 @@ class TrainingMixin:
             iterator = self.open_epoch_iterator(self.train_loader, st.epoch, st.batch_in_epoch)
             finished = self._run_batches(iterator)
             if self._reposition:
+                self.telemetry.restart(st.step)  # a command moved the run to another step
                 continue
             if not finished:
                 break
@@ -120,6 +96,7 @@ class TrainingMixin:
                 return False
 
     def _end_epoch(self) -> None:
+        self.report_unreported_steps()
         st, cfg = self.state, self.cfg
         val_loss = None
         if self.val_loader is not None and (st.epoch + 1) % cfg.val_every_n_epochs == 0:
@@ -204,52 +181,25 @@ class TrainingMixin:
         return {"loss": loss.detach(), "grad_norm": grad_norm, "_outputs": outputs}
 
     # ---- telemetry ---------------------------------------------------------------------------
-    def _reset_throughput(self) -> None:
-        self._tp_time = time.perf_counter()
-        self._tp_samples = 0
-
     def _record_step(self, metrics: dict[str, Any], batch: Any) -> None:
-        st, cfg = self.state, self.cfg
+        st, telemetry = self.state, self.telemetry
         if isinstance(batch, (tuple, list)) and batch and torch.is_tensor(batch[0]):
-            self._tp_samples += batch[0].shape[0] if batch[0].dim() else 1
+            samples = batch[0].shape[0] if batch[0].dim() else 1
         else:
-            self._tp_samples += batch_size_of(batch)
+            samples = batch_size_of(batch)
         step = st.step
-        if step % cfg.log_every_n_steps:
+        if not telemetry.count(step, samples, metrics.get("loss")):
             return
-        now = time.perf_counter()
-        elapsed = now - self._tp_time
-        throughput = self._tp_samples / elapsed if elapsed > 0 else None
-        self._tp_time, self._tp_samples = now, 0
         outputs = metrics.pop("_outputs", None)
-        groups = self.optimizer.param_groups if self.optimizer is not None else ()
-        lr = None
-        if groups:
-            lr = groups[0]["lr"] if len(groups) == 1 else sum(g["lr"] for g in groups) / len(groups)
-        fields = train_step_fields(st, loss=metrics.get("loss"), accuracy=metrics.get("accuracy"), lr=lr,
-                                   grad_norm=metrics.get("grad_norm"), throughput=throughput)
-        if step % cfg.diagnostics_every_n_steps == 0:
-            self._add_diagnostics(fields, outputs, batch)
+        fields = telemetry.fields(step, st.epoch, st.last_val_loss, loss=metrics.get("loss"),
+                                  accuracy=metrics.get("accuracy"), lr=mean_lr(self.optimizer),
+                                  grad_norm=metrics.get("grad_norm"))
+        if telemetry.diagnostics_due(step):
+            targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
+            telemetry.add_diagnostics(fields, self.model, self.resolve_device(), outputs, targets)
         if len(metrics) > 2:
             for key, value in metrics.items():
                 if key not in fields:
                     fields[key] = value
         st.last_metrics = fields
         self.bus.emit("trainStep", fields)
-
-    def _add_diagnostics(self, fields: dict[str, Any], outputs: Any, batch: Any) -> None:
-        """The costlier metrics, at `diagnostics_every_n_steps`: still on-device tensors."""
-        params = [p for p in self.model.parameters()]
-        with torch.no_grad():
-            fields["weight_norm"] = total_norm([p.detach() for p in params])
-            if fields["grad_norm"] is None:
-                fields["grad_norm"] = total_norm([p.grad.detach() for p in params if p.grad is not None])
-            if fields["accuracy"] is None and torch.is_tensor(outputs) and isinstance(batch, (tuple, list)):
-                targets = batch[1] if len(batch) > 1 else None
-                if (torch.is_tensor(targets) and outputs.dim() == 2 and targets.dim() == 1
-                        and not targets.is_floating_point() and outputs.shape[0] == targets.shape[0]):
-                    fields["accuracy"] = (outputs.argmax(dim=1) == targets.to(outputs.device)).float().mean()
-        fields["mem_vram"] = process_memory_mib(self.resolve_device())
-        if self.device.type == "cuda":
-            with contextlib.suppress(RuntimeError, ModuleNotFoundError):  # NVML is optional
-                fields["gpu_util"] = float(torch.cuda.utilization(self.device))

@@ -39,6 +39,7 @@ from ..mixins.features import FeaturesMixin
 from ..mixins.fork_merge import ForkMergeMixin
 from ..mixins.health import HealthMixin
 from ..mixins.run_management import RunManagementMixin
+from ..telemetry import StepTelemetry, mean_lr
 from .config import SessionConfig
 from .state import RunState
 from .storage import SessionStorage
@@ -78,6 +79,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self.storage = SessionStorage(cfg.save_dir, cfg.project, self.session_id, cfg.allowed_paths)
         self.storage.create({"project": cfg.project, "run_name": cfg.run_name, "pid": os.getpid()})
         self.state = RunState()
+        self.telemetry = StepTelemetry()
 
         # Runtime objects, bound by the loop (native fit, attach, or a framework delegate).
         self.model: torch.nn.Module | None = None
@@ -189,8 +191,19 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         return self.state.running
 
     def at_boundary(self) -> None:
+        self.report_unreported_steps()  # the dashboard sees the latest step before any command runs
         self.gate.service(keep_going=lambda: self.state.running)
         self.await_snapshot_copy()
+
+    def report_unreported_steps(self) -> None:
+        """Emit `trainStep` for the latest step if the cadence skipped it (epoch end, pause, the end)."""
+        telemetry = self.telemetry
+        if not telemetry.unreported:
+            return
+        st = self.state
+        fields = telemetry.fields(st.step, st.epoch, st.last_val_loss, lr=mean_lr(self.optimizer))
+        st.last_metrics = fields
+        self.bus.emit("trainStep", fields)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def before_training(self) -> None:
@@ -203,6 +216,9 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         self._finished = False
         if self.gate.closed:
             self.gate.reopen()
+        cfg = self.cfg
+        self.telemetry.configure(cfg.log_every_n_steps, cfg.diagnostics_every_n_steps, cfg.diagnostics_interval_s,
+                                 cfg.log_interval_s, step=self.state.step)
         if not self._started:
             self._started = True
             self.emit("session_started", project=self.cfg.project, run_name=self.cfg.run_name)
@@ -216,6 +232,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         if self._finished:
             return
         self._finished = True
+        self.report_unreported_steps()
         self.state.training = False
         self.state.status = status
         fields: dict[str, Any] = {

@@ -34,8 +34,10 @@ class SessionConfig:
     max_steps: int | None = None
     val_every_n_epochs: int = 1
     do_test_after: bool = False
-    log_every_n_steps: int = 1
+    log_every_n_steps: int | None = None  # None: every step, at most one event per log_interval_s
+    log_interval_s: float = 0.02
     diagnostics_every_n_steps: int = 10  # grad/weight norm, accuracy, memory
+    diagnostics_interval_s: float = 0.5  # ... and no more often than this (0: every n steps)
     scheduler_interval: str = "epoch"
     transport: str | None = None  # None -> $ONTHEFLY_TRANSPORT or tcp
     dashboard_host: str = "127.0.0.1"
@@ -62,10 +64,20 @@ class SessionConfig:
             self.transport = os.environ.get("ONTHEFLY_TRANSPORT", "tcp").strip().lower() or "tcp"
         if self.transport not in TRANSPORTS:
             raise ConfigError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-        for name in ("ckpt_keep", "log_every_n_steps", "val_every_n_epochs", "diagnostics_every_n_steps"):
+        if self.log_every_n_steps is not None and (
+            not isinstance(self.log_every_n_steps, int) or isinstance(self.log_every_n_steps, bool)
+            or self.log_every_n_steps < 1
+        ):
+            raise ConfigError(f"log_every_n_steps must be None or an integer >= 1, got {self.log_every_n_steps!r}")
+        for name in ("ckpt_keep", "val_every_n_epochs", "diagnostics_every_n_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("log_interval_s", "diagnostics_interval_s"):
+            interval = getattr(self, name)
+            if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
+                raise ConfigError(f"{name} must be a number >= 0, got {interval!r}")
+            setattr(self, name, float(interval))
         if not isinstance(self.ckpt_every_steps, int) or self.ckpt_every_steps < 0:
             raise ConfigError(f"ckpt_every_steps must be an integer >= 0, got {self.ckpt_every_steps!r}")
         for name in ("max_epochs", "max_steps"):

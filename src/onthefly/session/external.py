@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import inspect
 import threading
-import time
 import weakref
 from concurrent.futures import Future
 from pathlib import Path
@@ -28,15 +27,13 @@ from torch.utils.data import DataLoader, Subset
 from ..checkpoints import CheckpointError, load_checkpoint, read_meta
 from ..control.errors import CommandError, ErrorCode
 from ..integrations.base import FrameworkDelegate
-from ..mixins.training import process_memory_mib, total_norm
 from ..sampler_utils import clone_loader
 from ..session.schemas import Empty
+from ..telemetry import mean_lr
 from .base import OnTheFlySessionBase
 from .config import SessionConfig
-from .state import train_step_fields
 
 BATCH_PARAM_NAMES = ("batch", "data", "sample", "samples")
-MEMORY_SAMPLE_S = 1.0
 # Weight/gradient norms cost a few kernel launches per tensor; in loops we do not own they are
 # taken every 50 steps by default, so the per-step boundary stays within a few percent.
 EXTERNAL_DIAGNOSTICS_EVERY = 50
@@ -117,12 +114,6 @@ class ExternalControlDelegate:
             framework.request_resume()
 
 
-def mean_lr(optimizer: torch.optim.Optimizer) -> float | None:
-    """The learning rate averaged over an optimizer's parameter groups (as the dashboard shows it)."""
-    groups = optimizer.param_groups
-    return sum(float(g["lr"]) for g in groups) / len(groups) if groups else None
-
-
 def _as_float(value: Any) -> float:
     return float(value.item() if torch.is_tensor(value) else value)
 
@@ -160,10 +151,6 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         self._step_offset = 0
         self._epoch_offset = 0
         self._stop_forwarded = False
-        self._tp_time = time.perf_counter()
-        self._tp_samples = 0
-        self._mem_read_at = float("-inf")
-        self._mem_mib: float | None = None
         self.console.delegate = ExternalControlDelegate(self)
 
     # ---- binding -----------------------------------------------------------------------------
@@ -264,7 +251,7 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         may be device tensors: they are read on the writer thread, never here. `more_metrics` is
         only called on steps that are emitted.
         """
-        st, cfg = self.state, self.cfg
+        st = self.state
         if step is None:
             st.step += 1
         else:
@@ -275,42 +262,26 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
             st.epoch = epoch + self._epoch_offset
         st.batch_in_epoch = st.batch_in_epoch + 1 if batch_in_epoch is None else batch_in_epoch
         self.mark_state_changed()
-        self._tp_samples += samples
-        if st.step % cfg.log_every_n_steps:
+        telemetry = self.telemetry
+        if not telemetry.count(st.step, samples, metrics.get("loss")):
             return
-        now = time.perf_counter()
-        elapsed = now - self._tp_time
-        throughput = self._tp_samples / elapsed if elapsed > 0 and self._tp_samples else None
-        self._tp_time, self._tp_samples = now, 0
-        lr = metrics.get("lr")
-        if lr is None and self.optimizer is not None:
-            lr = mean_lr(self.optimizer)
         extra = metrics if more_metrics is None else {**more_metrics(), **metrics}
-        fields = train_step_fields(st, loss=extra.get("loss"), accuracy=extra.get("accuracy"), lr=lr,
-                                   grad_norm=extra.get("grad_norm"), throughput=throughput)
-        if st.step % cfg.diagnostics_every_n_steps == 0:
-            self._add_diagnostics(fields)
+        lr = extra.get("lr")
+        if lr is None:
+            lr = mean_lr(self.optimizer)
+        fields = telemetry.fields(st.step, st.epoch, st.last_val_loss, loss=extra.get("loss"),
+                                  accuracy=extra.get("accuracy"), lr=lr, grad_norm=extra.get("grad_norm"))
+        if telemetry.diagnostics_due(st.step):
+            telemetry.add_diagnostics(fields, self.model, self.resolve_device())
         for key, value in extra.items():
             if key not in fields:
                 fields[key] = value
         st.last_metrics = fields
-        self.emit("trainStep", **fields)
-
-    def _add_diagnostics(self, fields: dict[str, Any]) -> None:
-        """Weight and gradient norms and memory, as device tensors (no host sync here)."""
-        if self.model is not None:
-            params = list(self.model.parameters())
-            with torch.no_grad():
-                fields["weight_norm"] = total_norm([p.detach() for p in params])
-                if fields["grad_norm"] is None:
-                    fields["grad_norm"] = total_norm([p.grad.detach() for p in params if p.grad is not None])
-        now = time.monotonic()
-        if now - self._mem_read_at >= MEMORY_SAMPLE_S:  # reading /proc is file I/O: at most once a second
-            self._mem_read_at, self._mem_mib = now, process_memory_mib(self.resolve_device())
-        fields["mem_vram"] = self._mem_mib
+        self.bus.emit("trainStep", fields)
 
     def end_epoch(self, val_loss: Any = None, *, epoch: int | None = None) -> None:
         """Close an epoch: emit `epoch_end` (with this epoch's validation loss, if any)."""
+        self.report_unreported_steps()
         st = self.state
         ended = st.epoch if epoch is None else epoch + self._epoch_offset
         if val_loss is not None:
@@ -330,7 +301,6 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
     # ---- lifecycle ---------------------------------------------------------------------------
     def before_training(self) -> None:
         self._stop_forwarded = False
-        self._tp_time, self._tp_samples = time.perf_counter(), 0
         super().before_training()
 
     def close_at_exit(self) -> None:
