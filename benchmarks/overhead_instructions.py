@@ -25,18 +25,21 @@ from pathlib import Path
 CHILD = r"""
 import sys, tempfile, torch
 sys.path.insert(0, {bench!r})
-from overhead import make_loader, plain, with_trainer
+from overhead import Timer, make_loader, plain_loop, trainer_fit
 torch.set_num_threads(1)
 mode, n = sys.argv[1], int(sys.argv[2])
 loader = make_loader(n)
+timer = Timer()
+timer.start = timer.stop = lambda: None
+no_hand_off = lambda: None
 if mode == "plain":
-    plain(loader, 1)
+    plain_loop(loader)(no_hand_off, timer)
 elif mode == "trainer":
-    with_trainer(loader, 1, "off", None, tempfile.mkdtemp())
+    trainer_fit(loader, tempfile.mkdtemp(), None)(no_hand_off, timer)
 elif mode == "dash":
     from _common import loopback_dashboard
     with loopback_dashboard() as port:
-        with_trainer(loader, 1, "tcp", port, tempfile.mkdtemp())
+        trainer_fit(loader, tempfile.mkdtemp(), port)(no_hand_off, timer)
 """
 
 

@@ -196,6 +196,9 @@ IMMUTABLE_LEAVES = (
 )
 
 
+_IMMUTABLE_TYPES = frozenset(IMMUTABLE_LEAVES)
+
+
 def snapshot_to_host(obj: Any) -> Any:
     """Deep-copy a nested dict/list/tuple structure with every tensor detached, cloned, on CPU.
 
@@ -240,6 +243,8 @@ def _snapshot(obj: Any, cuda_devices: set[int], memo: dict[int, torch.Tensor]) -
     if type(obj) is list:
         return [_snapshot(value, cuda_devices, memo) for value in obj]
     if type(obj) is tuple:
+        if all(type(value) in _IMMUTABLE_TYPES for value in obj):
+            return obj  # e.g. Python's RNG state: 625 ints
         return tuple(_snapshot(value, cuda_devices, memo) for value in obj)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):
         return type(obj)(*(_snapshot(value, cuda_devices, memo) for value in obj))

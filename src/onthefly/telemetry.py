@@ -65,10 +65,17 @@ def mean_lr(optimizer: torch.optim.Optimizer | None) -> Any:
 def sum_of(values: list[Any]) -> Any:
     """The sum of losses: one device kernel for tensors, plain arithmetic for numbers; None if they don't mix."""
     if all(isinstance(v, torch.Tensor) for v in values):
-        try:
-            return torch.stack([v.detach().reshape(()) for v in values]).float().sum()
-        except (RuntimeError, ValueError):  # different devices, or not scalars
-            return None
+        with torch.no_grad():
+            try:
+                stacked = torch.stack(values)
+            except RuntimeError:  # different shapes or devices
+                try:
+                    stacked = torch.stack([v.reshape(()) for v in values])
+                except RuntimeError:  # not scalars, or on different devices
+                    return None
+            if stacked.numel() != len(values):
+                return None  # losses with several elements each have no single mean
+            return stacked.float().sum()
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return float(sum(values))
     return None

@@ -371,8 +371,9 @@ class OnTheFlyCallback(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         """Remember the learning rate this step uses (epoch schedulers step before `on_train_batch_end`)."""
-        if optimizer is self.session.optimizer or self._lr is None:
-            self._lr = mean_lr(optimizer)
+        if self._lr is None or optimizer is self.delegate.session.optimizer:
+            groups = optimizer.param_groups
+            self._lr = groups[0]["lr"] if len(groups) == 1 else mean_lr(optimizer)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
