@@ -70,6 +70,18 @@ def test_duplicate_seq_raises_and_keeps_nothing_of_the_batch(tmp_path):
         log.close()
 
 
+def test_a_batch_of_several_statements_is_one_transaction(tmp_path):
+    log = EventLog(tmp_path / "events.db")
+    try:
+        log.append_many(rows(1, 600))  # three INSERT statements
+        assert log.count() == 600 and [seq for seq, _ in log.read_after(597)] == [598, 599, 600]
+        with pytest.raises(sqlite3.IntegrityError):  # the duplicate is in the last statement
+            log.append_many(rows(601, 1100) + rows(600, 600))
+        assert log.count() == 600 and log.last_seq() == 600
+    finally:
+        log.close()
+
+
 def test_temporary_log_is_deleted_on_close_and_close_is_idempotent():
     log = EventLog(None)
     path = log.path

@@ -7,12 +7,14 @@ the writer thread (appends) and readers (replay, `events_since`).
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 __all__ = ["EventLog"]
 
@@ -20,6 +22,22 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS events ("
     "seq INTEGER PRIMARY KEY, type TEXT NOT NULL, ts REAL, body TEXT NOT NULL)"
 )
+
+
+# Four bound values a row; 249 rows stay under SQLite's smallest variable limit (999).
+_ROWS_PER_INSERT = 249
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_sql(n: int) -> str:
+    return "INSERT INTO events (seq, type, ts, body) VALUES " + ", ".join(["(?, ?, ?, ?)"] * n)
+
+
+def _flatten(rows: list[tuple[int, str, str]], ts: float) -> list[Any]:
+    values: list[Any] = []
+    for seq, kind, body in rows:
+        values += (seq, kind, ts, body)
+    return values
 
 
 class EventLog:
@@ -57,20 +75,26 @@ class EventLog:
         self._conn: sqlite3.Connection | None = conn
 
     def append_many(self, rows: list[tuple[int, str, str]]) -> None:
-        """Persist `(event_seq, type, json_text)` rows in one transaction.
+        """Persist `(event_seq, type, json_text)` rows atomically.
 
         A seq already present raises `sqlite3.IntegrityError` and nothing of the batch is kept.
+        A batch is written with one multi-row INSERT per 249 rows (one statement step instead of
+        one per row: each step releases and retakes the interpreter lock, which the training
+        thread then has to win back), inside one transaction when it takes several.
         """
         if not rows:
             return
-        # One timestamp per batch, written into the statement (a float's repr is a valid SQL
-        # literal) so the rows can be bound as given, without building a 4-tuple per row.
-        insert = f"INSERT INTO events (seq, type, ts, body) VALUES (?, ?, {float(time.time())!r}, ?)"
+        ts = float(time.time())  # one timestamp per batch
+        chunks = [rows[i:i + _ROWS_PER_INSERT] for i in range(0, len(rows), _ROWS_PER_INSERT)]
         with self._lock:
             conn = self._open_conn()
+            if len(chunks) == 1:
+                conn.execute(_insert_sql(len(rows)), _flatten(rows, ts))  # one statement: atomic
+                return
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(insert, rows)
+                for chunk in chunks:
+                    conn.execute(_insert_sql(len(chunk)), _flatten(chunk, ts))
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
