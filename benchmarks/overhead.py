@@ -77,6 +77,15 @@ def fresh() -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.Adam(model.parameters(), lr=1e-3)
 
 
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The plain step every PyTorch variant runs."""
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def wait_connected(session: Any) -> None:
     deadline = time.monotonic() + 5
     while not session.bus.connected:
@@ -118,10 +127,7 @@ def plain_loop(loader: DataLoader) -> Callable[[Tick, Timer], None]:
         model, opt = fresh()
         timer.start()
         for x, y in Ticking(loader, tick):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
+            train_step(model, opt, x, y)
         timer.stop()
     return run
 
@@ -147,10 +153,7 @@ def attached_loop(loader: DataLoader, root: str, port: int) -> Callable[[Tick, T
         wait_connected(session)
         timer.start()
         for x, y in Ticking(loader, tick):
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
+            loss = train_step(model, opt, x, y)
             if not session.step(loss):
                 break
         session.close()

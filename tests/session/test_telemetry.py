@@ -82,9 +82,8 @@ def test_diagnostics_interval_is_validated():
     assert SessionConfig(diagnostics_interval_s=2).diagnostics_interval_s == 2.0
 
 
-def test_trainer_emits_every_n_steps_with_the_mean_loss_of_the_interval(tmp_path):
-    trainer = Trainer(project="tele", max_epochs=1, transport="memory", save_dir=str(tmp_path),
-                      serve_after_training=False, log_every_n_steps=4)
+def train_recording_losses(trainer: Trainer) -> tuple[MemoryDashboard, list[float]]:
+    """Train 16 steps per epoch with a step that records each step's loss; returns the dashboard and the losses."""
     trainer.session.channel.connect()
     dash = MemoryDashboard(trainer.session.channel)
     seen: list[float] = []
@@ -103,6 +102,13 @@ def test_trainer_emits_every_n_steps_with_the_mean_loss_of_the_interval(tmp_path
     train, _ = loaders("user", 0)
     trainer.fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
                 loss_fn=torch.nn.CrossEntropyLoss(), train_loader=train)
+    return dash, seen
+
+
+def test_trainer_emits_every_n_steps_with_the_mean_loss_of_the_interval(tmp_path):
+    trainer = Trainer(project="tele", max_epochs=1, transport="memory", save_dir=str(tmp_path),
+                      serve_after_training=False, log_every_n_steps=4)
+    dash, seen = train_recording_losses(trainer)
     events = dash.events("trainStep")
     assert [e["step"] for e in events] == [4, 8, 12, 16]
     for event in events:
@@ -115,24 +121,7 @@ def test_default_cadence_is_time_bounded_and_reports_the_skipped_tail(tmp_path):
     the epoch's last step, skipped by the cadence, is reported at the epoch end with the mean loss."""
     trainer = Trainer(project="tele", max_epochs=2, transport="memory", save_dir=str(tmp_path),
                       serve_after_training=False, log_interval_s=3600)
-    trainer.session.channel.connect()
-    dash = MemoryDashboard(trainer.session.channel)
-    seen: list[float] = []
-
-    @trainer.training_step
-    def step(batch, state):
-        x, y = batch
-        state.optimizer.zero_grad()
-        loss = state.loss_fn(state.model(x), y)
-        loss.backward()
-        state.optimizer.step()
-        seen.append(loss.item())
-        return {"loss": loss.detach()}
-
-    model = make_model()
-    train, _ = loaders("user", 0)
-    trainer.fit(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                loss_fn=torch.nn.CrossEntropyLoss(), train_loader=train)
+    dash, seen = train_recording_losses(trainer)
     events = [e for e in dash.events() if e["type"] in ("trainStep", "epoch_end")]
     assert [(e["type"], e.get("step", e.get("epoch"))) for e in events] == [
         ("trainStep", 1), ("trainStep", 16), ("epoch_end", 0), ("trainStep", 32), ("epoch_end", 1)]
