@@ -125,7 +125,7 @@ class ControlBus:
         event_log: EventLog | None = None,
         queue_size: int = 1024,
         session_id: str | None = None,
-        linger: float = 0.05,
+        linger: float = 0.1,
     ) -> None:
         if not isinstance(channel, Channel):
             raise TypeError(f"channel must be an onthefly Channel, got {type(channel).__name__}")
