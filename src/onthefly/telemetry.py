@@ -93,16 +93,16 @@ def as_float(value: Any) -> float | None:
 class IntervalMean:
     """The mean loss of the steps one event covers, computed when it is read.
 
-    The training thread only hands over what it collected; the writer thread does the reduction
-    (one stack-and-sum kernel) and the read as it encodes the event (`tolist`, the hook every
-    encoder uses for tensors), so a step costs the training thread a list append.
+    The training thread only hands over what it collected (the recent losses, and the device sum
+    and count of older ones); the writer thread does the reduction (one stack-and-sum kernel) and
+    the read as it encodes the event (`tolist`, the hook every encoder uses for tensors), so a step
+    costs the training thread a list append.
     """
 
-    __slots__ = ("_values", "_partial", "_partial_n", "_last", "_mixed", "_result")
+    __slots__ = ("_values", "_partial", "_partial_n", "_result")
 
-    def __init__(self, values: list[Any], partial: Any, partial_n: int, last: Any, mixed: bool) -> None:
+    def __init__(self, values: list[Any], partial: Any, partial_n: int) -> None:
         self._values, self._partial, self._partial_n = values, partial, partial_n
-        self._last, self._mixed = last, mixed
         self._result: tuple[float | None] | None = None
 
     def tolist(self) -> float | None:
@@ -118,8 +118,6 @@ class IntervalMean:
 
     def _mean(self) -> Any:
         values = self._values
-        if self._mixed:
-            return self._last
         total = sum_of(values) if values else None
         if values and total is None:  # kinds, shapes or devices that do not add up: the latest value
             return values[-1]
@@ -165,10 +163,8 @@ class StepTelemetry:
 
     def _clear_losses(self) -> None:
         self._losses: list[Any] = []
-        self._loss_sum: Any = None
+        self._loss_sum: Any = None  # device sum and count of losses folded in by `_compact`
         self._loss_n = 0
-        self._mixed = False
-        self._last_loss: Any = None
 
     def count(self, step: int, samples: int, loss: Any) -> bool:
         """Account one step; True when its `trainStep` is due (then call `fields`)."""
@@ -184,27 +180,21 @@ class StepTelemetry:
         return time.perf_counter() - self._emitted_at >= self.log_interval
 
     def _compact(self) -> None:
-        """Fold the kept losses into a running (device) sum."""
+        """Fold the kept losses into the running (device) sum."""
         losses = self._losses
-        if not losses:
+        total = sum_of(losses)
+        if total is None:  # losses that do not add up have no mean: start over from the latest
+            self._loss_sum, self._loss_n, self._losses = None, 0, [losses[-1]]
             return
-        self._last_loss = losses[-1]
-        total = None if self._mixed else sum_of(losses)
-        if total is None:
-            self._mixed = True  # the interval's mean is undefined: report its last loss
-        else:
-            self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
-            self._loss_n += len(losses)
+        self._loss_sum = total if self._loss_sum is None else self._loss_sum + total
+        self._loss_n += len(losses)
         self._losses = []
 
     def _interval_loss(self) -> Any:
         losses = self._losses
-        if self._loss_n == 0 and not self._mixed and len(losses) == 1:
-            return losses[0]  # every step reported: the step's own value
-        if not losses and self._loss_n == 0 and not self._mixed:
-            return None
-        last = losses[-1] if losses else self._last_loss
-        return IntervalMean(losses, self._loss_sum, self._loss_n, last, self._mixed)
+        if self._loss_n == 0 and len(losses) <= 1:
+            return losses[0] if losses else None  # every step reported: the step's own value
+        return IntervalMean(losses, self._loss_sum, self._loss_n)
 
     def fields(self, step: int, epoch: int, val_loss: Any, *, loss: Any = None, accuracy: Any = None,
                lr: Any = None, grad_norm: Any = None) -> dict[str, Any]:
@@ -220,7 +210,7 @@ class StepTelemetry:
         self._clock = self._emitted_at = now
         self._samples = 0
         self.unreported = 0
-        if loss is None or self._losses or self._loss_n or self._mixed:
+        if loss is None or self._losses or self._loss_n:
             loss = self._interval_loss()
         self._clear_losses()
         return {
@@ -252,6 +242,7 @@ class StepTelemetry:
             return False
         self._diag_bucket, self._diag_at = bucket, now
         return True
+
     def add_diagnostics(self, fields: dict[str, Any], model: torch.nn.Module | None, device: torch.device,
                         outputs: Any = None, targets: Any = None) -> None:
         """Weight and gradient norms, accuracy from (outputs, targets), memory: device tensors, no sync."""

@@ -29,7 +29,7 @@ from ..control.errors import CommandError, ErrorCode
 from ..integrations.base import FrameworkDelegate
 from ..sampler_utils import clone_loader
 from ..session.schemas import Empty
-from ..telemetry import mean_lr
+from ..telemetry import as_float, mean_lr
 from .base import OnTheFlySessionBase
 from .config import SessionConfig
 
@@ -112,10 +112,6 @@ class ExternalControlDelegate:
         framework = self.session.framework
         if framework is not None:
             framework.request_resume()
-
-
-def _as_float(value: Any) -> float:
-    return float(value.item() if torch.is_tensor(value) else value)
 
 
 def _optimizers(value: Any) -> list[torch.optim.Optimizer]:
@@ -285,7 +281,7 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         st = self.state
         ended = st.epoch if epoch is None else epoch + self._epoch_offset
         if val_loss is not None:
-            st.last_val_loss = _as_float(val_loss)
+            st.last_val_loss = as_float(val_loss)
         self.emit("epoch_end", epoch=ended, val_loss=None if val_loss is None else st.last_val_loss)
         st.epoch = ended + 1
         st.batch_in_epoch = 0
@@ -294,7 +290,7 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
 
     def note_validation(self, val_loss: Any, *, epoch: int | None = None) -> None:
         """Record a validation loss (reported as `val_loss` from now on) and log it."""
-        value = _as_float(val_loss)
+        value = as_float(val_loss)
         self.state.last_val_loss = value
         self.log(f"epoch {self.state.epoch if epoch is None else epoch} val_loss = {value}", phase="train")
 
