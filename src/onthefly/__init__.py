@@ -33,7 +33,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "attach": (".attach", "attach"),
     "attach_lightning": (".integrations.lightning", "attach_lightning"),
     "OnTheFlyExternalSession": (".session.external", "OnTheFlyExternalSession"),
-    "FrameworkDelegate": (".integrations.base", "FrameworkDelegate"),
+    "FrameworkDelegate": (".session.delegate", "FrameworkDelegate"),
+    "TestOutcome": (".session.delegate", "TestOutcome"),
+    "SessionClosed": (".session.errors", "SessionClosed"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -12,7 +12,17 @@ Two lines::
 `session.step(loss)` is the batch boundary: it counts the step, queues a `trainStep` event (the
 loss stays on its device; no host sync), and runs any pending command right there, on your
 thread, between two optimizer steps. While the dashboard holds the run paused, `step()` simply
-does not return. It returns False after a `stop`.
+does not return. It returns False after a `stop` (or when a fork's budget is spent).
+
+To let onthefly own the data order as well — so a fork trains its child on the selected
+samples, and a checkpoint resumes mid-epoch bit-exactly, also in a fresh process — iterate the
+session's epochs and batches instead of your loader::
+
+    for epoch in session.epochs(3):
+        for x, y in session.batches():
+            ...
+            if not session.step(loss):
+                break
 
 Epochs end by themselves when `train_loader` has a length (or call `session.end_epoch()`), and the
 run is reported finished when the `with` block or the program ends (or call `session.finish()`).
@@ -20,24 +30,32 @@ run is reported finished when the `with` block or the program ends (or call `ses
 
 from __future__ import annotations
 
+import os
 import sys
 from types import TracebackType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from .control.channels import Channel
 from .session.config import SessionConfig
+from .session.delegate import FrameworkDelegate
 from .session.external import EXTERNAL_DIAGNOSTICS_EVERY, OnTheFlyExternalSession
 
 
+class OwnLoop(FrameworkDelegate):
+    """A hand-written loop: it asks the session for each epoch's batches (or iterates its own loader)."""
+
+    runtime = "own_loop"
+
+
 class OwnLoopSession(OnTheFlyExternalSession):
-    """The session `attach()` returns: `step()` per batch, `end_epoch()`, `finish()`."""
+    """The session `attach()` returns: `step()` per batch, `epochs()`/`batches()`, `end_epoch()`, `finish()`."""
 
     def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
                  **overrides: Any) -> None:
-        super().__init__(config, channel=channel, **overrides)
+        super().__init__(config, channel=channel, framework=OwnLoop(), **overrides)
         self._epoch_len: int | None = None
         self._batch_size = 0
         self._crash: BaseException | None = None
@@ -49,21 +67,50 @@ class OwnLoopSession(OnTheFlyExternalSession):
         """Report one optimizer step (call it after `optimizer.step()`) and honour the dashboard.
 
         `loss` (a tensor stays on its device) and any other metrics (`accuracy=...`) go into the
-        step's `trainStep` event. Returns False once the run was asked to stop.
+        step's `trainStep` event. Returns False once the run should end.
         """
         if self._epoch_full:
             self._close_epoch(None)
         if loss is not None:
             metrics["loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
         self.record_step(metrics, samples=self._batch_size)
-        if self.gate.pending:
-            self.at_boundary()
+        keep_going = self.tick()
         if self._epoch_len is not None and self.state.batch_in_epoch >= self._epoch_len:
             self._epoch_full = True
-        if self.state.running:
-            return True
-        self._forward_stop()
-        return False
+        return keep_going
+
+    # ---- epochs and batches the session owns ---------------------------------------------------
+    def epochs(self, max_epochs: int | None = None) -> Iterator[int]:
+        """The epochs to train, from where the run is (after a resume: the checkpoint's epoch).
+
+        Ends at `max_epochs` (the run's own epochs), after a `stop`, or when a fork's budget is
+        spent; an epoch the loop left without closing it is closed here.
+        """
+        st = self.state
+        while st.running and self.lifecycle.finish_requested is None and (max_epochs is None or st.epoch < max_epochs):
+            self.take_reposition()
+            yield st.epoch
+            if self.reposition_pending:
+                continue  # a command moved the run: its epoch is not over
+            if self._epoch_full or st.batch_in_epoch > 0:
+                self._close_epoch(None)
+
+    def batches(self) -> Iterator[Any]:
+        """This epoch's batches from the loader the run trains on, positioned where the run is.
+
+        The data order is the epoch's own (replayed from its start after a resume); after a fork
+        the batches come from the child's subset. Stops early when a command moves the run.
+        """
+        st = self.state
+        loader = self.train_loader
+        if loader is None:
+            raise RuntimeError("session.batches() needs the train_loader passed to onthefly.attach()")
+        self._epoch_len = _length(loader)
+        self._batch_size = int(getattr(loader, "batch_size", None) or 0)
+        for batch in self.open_epoch_iterator(loader, st.epoch, st.batch_in_epoch):
+            yield batch
+            if self.reposition_pending or not st.running or self.lifecycle.finish_requested is not None:
+                return
 
     def end_epoch(self, val_loss: Any = None, *, epoch: int | None = None) -> None:
         """End the epoch, optionally with its validation loss; emits one `epoch_end`.
@@ -91,7 +138,7 @@ class OwnLoopSession(OnTheFlyExternalSession):
 
         `status` defaults to "stopped" after a `stop` command, else "completed".
         """
-        if self._finished or not self._started:
+        if self.lifecycle.finished or not self.lifecycle.started:
             return
         if status is None:
             status = "completed" if self.state.running else "stopped"
@@ -105,11 +152,11 @@ class OwnLoopSession(OnTheFlyExternalSession):
 
     def close(self, timeout: float = 10.0) -> None:
         """Finish (if not done yet) and release threads, sockets and files."""
-        if self._closed:
+        if self.lifecycle.closed:
             return
         if self._previous_excepthook is not None and sys.excepthook == self._record_crash:
             sys.excepthook = self._previous_excepthook
-        if self._started and not self._finished:
+        if self.lifecycle.started and not self.lifecycle.finished:
             crash = self._crash
             if crash is None:
                 self.finish()
@@ -122,7 +169,7 @@ class OwnLoopSession(OnTheFlyExternalSession):
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc is not None and not self._finished:
+        if exc is not None and not self.lifecycle.finished:
             self.finish("stopped" if isinstance(exc, KeyboardInterrupt) else "failed", exc)
         self.close()
 
@@ -172,16 +219,18 @@ def attach(
     channel: Channel | None = None,
     model_factory: Callable[[], nn.Module] | None = None,
     embedding_hook: Callable[..., Any] | None = None,
+    resume_from: str | os.PathLike | None = None,
     **settings: Any,
 ) -> OwnLoopSession:
     """Connect a hand-written training loop to a dashboard; returns the session to call `step()` on.
 
     Nothing about the loop changes: the model is not moved, the loaders are not replaced. The
     session starts at once (`session_started`, `newRun`), takes commands from then on, and runs
-    the mutating ones inside `session.step()`. Other `SessionConfig` settings (for example
-    `log_every_n_steps`, `do_test_after`, `ckpt_keep`) may be passed as keywords.
+    the mutating ones inside `session.step()`. `resume_from` loads an onthefly checkpoint first
+    (iterate `session.epochs()`/`session.batches()` to continue mid-epoch exactly). Other
+    `SessionConfig` settings (for example `log_every_n_steps`, `do_test_after`, `ckpt_keep`) may
+    be passed as keywords.
     """
-    settings.setdefault("serve_after_training", False)
     settings.setdefault("diagnostics_every_n_steps", EXTERNAL_DIAGNOSTICS_EVERY)
     config = SessionConfig(project=project, run_name=run_name, transport=transport, save_dir=save_dir,
                            dashboard_port=dashboard_port, **settings)
@@ -192,6 +241,10 @@ def attach(
         session.configure_loaders(train_loader, val_loader, test_loader)
         session.model_factory = model_factory
         session.embedding_hook = embedding_hook
+        if resume_from is not None:
+            info = session.load_checkpoint_into_state(resume_from)
+            session.take_reposition()
+            session.record_position(info["step"], info["epoch"])
         session.start(train_loader)
     except BaseException:
         session.close()

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from .control.channels import Channel
+from .progress import ProgressDisplay, wants_progress
 from .session.config import DATA_ORDER_POLICIES, ConfigError, SessionConfig
 from .session.native import OnTheFlySession, seed_everything
 
@@ -78,10 +79,16 @@ class Trainer:
         data_order_policy: str | None = None,
         resume_from: str | os.PathLike | None = None,
         resume_run: str | None = None,
+        progress: bool | None = None,
     ) -> OnTheFlySession:
-        """Train, stay available to a connected dashboard afterwards, flush, and return the session."""
+        """Train, flush, and return the session (closed).
+
+        `progress` draws a one-line progress display on the terminal while no dashboard is
+        connected (None: only when stdout is a TTY). With `serve_after_training=True` the session
+        keeps answering a connected dashboard after training until it sends `stop` or goes away.
+        """
         session = self.session
-        if session._closed:  # a second fit() starts a new session
+        if session.lifecycle.closed:  # a second fit() starts a new session
             self.session = session = OnTheFlySession(self.config, channel=self._channel)
             session.custom_step = self._custom_step
         cfg = session.cfg
@@ -110,7 +117,12 @@ class Trainer:
                 init_step = os.environ.get("ONTHEFLY_INIT_STEP")
                 if init_step:
                     session.state.step = int(init_step)
-            session.run()
+            display = ProgressDisplay(session).start() if wants_progress(progress) else None
+            try:
+                session.run()
+            finally:
+                if display is not None:
+                    display.stop()
             if session.fatal_error:
                 raise RuntimeError(session.fatal_error)
         finally:

@@ -165,7 +165,7 @@ def test_a_narrowed_train_loader_takes_effect_at_the_next_epoch(tmp_path):
                 seen.append(batch[0])
 
     def narrow(trainer, module):
-        loader = session.rebind_train_loader_to_subset(list(range(40, 72)))
+        loader = session.rebind_train_loader(list(range(40, 72)))
         assert loader.batch_size == 16 and loader.dataset.indices == list(range(40, 72))
 
     trainer = make_trainer(callbacks=[AtStep(3, narrow), Record()])

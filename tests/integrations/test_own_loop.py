@@ -227,7 +227,7 @@ def test_rebind_to_subset_keeps_the_loader_knobs(tmp_path):
     ds = make_dataset(50)
     train = torch.utils.data.DataLoader(ds, batch_size=8, shuffle=True, drop_last=True, collate_fn=collate)
     with onthefly.attach(model=make_net(), train_loader=train, transport="off", save_dir=str(tmp_path)) as session:
-        loader = session.rebind_train_loader_to_subset(list(range(10, 30)))
+        loader = session.rebind_train_loader(list(range(10, 30)))
         assert loader is session.train_loader and session.active_subset == list(range(10, 30))
         assert loader.batch_size == 8 and loader.drop_last and loader.collate_fn is collate
         assert isinstance(loader.sampler, torch.utils.data.RandomSampler)
@@ -235,9 +235,9 @@ def test_rebind_to_subset_keeps_the_loader_knobs(tmp_path):
         assert len(rows) == 16  # 20 samples in batches of 8, the last partial batch dropped
         subset = ds.tensors[0][10:30]
         assert all(any(torch.equal(r, s) for s in subset) for r in rows)
-        with pytest.raises(onthefly.ProtocolError, match="out of range"):
-            session.rebind_train_loader_to_subset([0, 50])
-        assert session.rebind_train_loader_to_subset(None) is train and session.active_subset is None
+        with pytest.raises(onthefly.ProtocolError, match=r"\[50\] are not in the training set"):
+            session.rebind_train_loader([0, 50])
+        assert session.rebind_train_loader(None) is train and session.active_subset is None
 
 
 def test_bad_arguments_are_named(tmp_path):

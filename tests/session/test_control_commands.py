@@ -18,7 +18,8 @@ from .helpers import MemoryDashboard, make_dataset, make_model, wait_until, weig
 
 def serving_session(tmp_path, **kw):
     """A trained session that keeps serving its in-memory dashboard (fit runs in a thread)."""
-    trainer = Trainer(project="cmds", max_epochs=1, transport="memory", save_dir=str(tmp_path), **kw)
+    trainer = Trainer(project="cmds", max_epochs=1, transport="memory", save_dir=str(tmp_path),
+                      serve_after_training=True, **kw)
     session = trainer.session
     session.channel.connect()
     dash = MemoryDashboard(session.channel)

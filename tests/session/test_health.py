@@ -11,14 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from onthefly import Trainer
-from onthefly.mixins.health import (
-    HealthMixin,
-    activation_bounds,
-    evenly_spaced,
-    is_activation,
-    metadata_hash,
-    upper_median,
-)
+from onthefly.mixins.health.activations import activation_bounds, is_activation
+from onthefly.mixins.health.common import evenly_spaced, upper_median
+from onthefly.mixins.health.dist import metadata_hash
 
 from .helpers import CountingLoss, MemoryDashboard, make_dataset, wait_until
 
@@ -35,10 +30,8 @@ class Run:
     def __init__(self, tmp_path, *, policy: str = "user", train_loader: DataLoader | None = None,
                  val: bool = True, loss_fn: nn.Module | None = None, start: bool = True) -> None:
         self.trainer = Trainer(project="health", max_epochs=1, transport="memory", save_dir=str(tmp_path),
-                               allowed_paths=(str(tmp_path),))
+                               allowed_paths=(str(tmp_path),), serve_after_training=True)
         self.session = self.trainer.session
-        if "numerics_health" not in self.session.router:
-            HealthMixin._register_health_commands(self.session, self.session.router)
         self.session.channel.connect()
         self.dash = MemoryDashboard(self.session.channel)
         self.data = make_dataset(240)
@@ -213,12 +206,12 @@ def test_activations_health_values_and_dead_relu(run):
 
 def test_activations_health_without_loaders_is_not_found_and_registers_nothing(run):
     s = run.session
-    saved = s.val_loader, s.train_root_loader, s.train_loader
-    s.val_loader = s.train_root_loader = s.train_loader = None
+    saved = s.val_loader, s.data.root_loader, s.data.loader
+    s.val_loader = s.data.root_loader = s.data.loader = None
     try:
         reply = run.error("activations_health")
     finally:
-        s.val_loader, s.train_root_loader, s.train_loader = saved
+        s.val_loader, s.data.root_loader, s.data.loader = saved
     assert reply["code"] == "not_found" and "loader" in reply["error"]
     assert no_hooks(s.model)
     # No validation loader: the training data is probed instead.

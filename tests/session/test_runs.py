@@ -40,7 +40,7 @@ def sha(path: str | Path) -> str:
 
 def start(tmp_path, dataset):
     trainer = Trainer(project="runs", max_epochs=1, transport="memory", save_dir=str(tmp_path),
-                      allowed_paths=(str(tmp_path),))
+                      allowed_paths=(str(tmp_path),), serve_after_training=True)
     session = trainer.session
     session.channel.connect()
     dash = MemoryDashboard(session.channel)

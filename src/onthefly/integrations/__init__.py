@@ -1,7 +1,8 @@
-"""Framework integrations: `FrameworkDelegate` (the protocol) and, imported lazily, Lightning.
+"""Framework integrations, imported lazily: Lightning (`attach_lightning`).
 
 `from onthefly.integrations import attach_lightning` imports Lightning only at that moment, so
-the core never depends on it.
+the core never depends on it. The protocol every integration implements, `FrameworkDelegate`,
+lives in the session layer (`onthefly.session.delegate`).
 """
 
 from __future__ import annotations
@@ -9,15 +10,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .base import FrameworkDelegate, TestOutcome
-
 _LAZY: dict[str, tuple[str, str]] = {
     "attach_lightning": (".lightning", "attach_lightning"),
     "LightningDelegate": (".lightning", "LightningDelegate"),
     "OnTheFlyCallback": (".lightning", "OnTheFlyCallback"),
 }
 
-__all__ = ["FrameworkDelegate", "TestOutcome", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

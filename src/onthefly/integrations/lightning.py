@@ -32,14 +32,15 @@ import torch
 from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from ..checkpoints import CheckpointError, fsync_directory
+from ..checkpoints import CheckpointError, fsync_directory, restore_rng_state
 from ..control.channels import Channel
 from ..control.errors import CommandError, ErrorCode
 from ..data_explorer.batches import batch_size_of
+from ..sampler_utils import forward_epoch
 from ..session.config import SessionConfig
+from ..session.delegate import FrameworkDelegate, TestOutcome
 from ..session.external import EXTERNAL_DIAGNOSTICS_EVERY, OnTheFlyExternalSession
 from ..telemetry import mean_lr
-from .base import FrameworkDelegate, TestOutcome
 
 __all__ = ["LightningDelegate", "OnTheFlyCallback", "attach_lightning", "canonical_metric_name"]
 
@@ -120,7 +121,10 @@ class _TestEvents(Callback):
 
 
 class LightningDelegate(FrameworkDelegate):
-    """Translates session requests into Lightning: stop, test, checkpoints, a new train loader."""
+    """Translates session requests into Lightning: stop, test, checkpoints, a new train loader,
+    and repositioning Lightning's own loop after a checkpoint load."""
+
+    runtime = "lightning"
 
     def __init__(self, trainer: pl.Trainer, *, datamodule: Any = None, test_loader: Any = None,
                  native_checkpoints: bool = True) -> None:
@@ -137,6 +141,8 @@ class LightningDelegate(FrameworkDelegate):
         self._tester: pl.Trainer | None = None
         self._test_events = _TestEvents()
         self._pending_loader: Any = None
+        #: Where Lightning is: "train_start" (before the first batch of a fit) or "batch_end".
+        self.hook = "train_start"
 
     # ---- attach ----------------------------------------------------------------------------
     def attach(self, session: OnTheFlyExternalSession) -> None:
@@ -170,16 +176,17 @@ class LightningDelegate(FrameworkDelegate):
             raise CommandError(
                 f"this Lightning version ({pl.__version__}) does not let onthefly swap the train loader "
                 "during fit", ErrorCode.FAILED)
-        super().refresh_train_loader(loader)
+        if fit_loop._combined_loader is None or loader is fit_loop._data_source.instance:
+            return
         self._pending_loader = loader
         if self.session is not None:
             self.session.log("[data] the new train loader takes effect at the next epoch")
 
-    def apply_pending_loader(self) -> None:
-        """At an epoch end: make Lightning set its train data up again from the new loader."""
+    def apply_pending_loader(self) -> bool:
+        """At an epoch end: make Lightning set its train data up again from the new loader (True if it did)."""
         loader, self._pending_loader = self._pending_loader, None
         if loader is None:
-            return
+            return False
         fit_loop = self.trainer.fit_loop
         fetcher = getattr(fit_loop, "_data_fetcher", None)
         if fetcher is not None:
@@ -187,8 +194,17 @@ class LightningDelegate(FrameworkDelegate):
             fit_loop._data_fetcher = None
         fit_loop._data_source.instance = loader
         fit_loop._combined_loader = None
+        return True
 
     # ---- tests -------------------------------------------------------------------------------
+    def has_own_test(self) -> bool:
+        module = self.trainer.lightning_module or (self.session.model if self.session is not None else None)
+        return module is not None and is_overridden("test_step", module)
+
+    def reports_validation(self) -> bool:
+        module = self.trainer.lightning_module or (self.session.model if self.session is not None else None)
+        return module is not None and is_overridden("validation_step", module) and self.trainer.limit_val_batches != 0
+
     def run_test(self, label: str) -> TestOutcome | None:
         """Lightning's real `Trainer.test` on the module (None if it defines no `test_step`)."""
         module = self.module
@@ -270,7 +286,7 @@ class LightningDelegate(FrameworkDelegate):
         return self._tester
 
     # ---- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self, path: Path) -> Path | None:
+    def save_native_checkpoint(self, path: Path) -> Path | None:
         """`Trainer.save_checkpoint` into a temp file beside `path`, fsync, rename (it is not atomic itself)."""
         if not self.native_checkpoints:
             return None
@@ -289,10 +305,12 @@ class LightningDelegate(FrameworkDelegate):
             raise
         return path
 
-    def load_checkpoint(self, path: Path, document: dict[str, Any]) -> dict[str, Any] | None:
-        """Restore a Lightning `.ckpt`: weights, every optimizer and scheduler, precision state, step."""
-        if document.get("format") != "lightning":
-            return None
+    def load_native_checkpoint(self, path: Path, document: dict[str, Any]) -> dict[str, Any] | None:
+        """Restore a Lightning `.ckpt`: weights, every optimizer and scheduler, precision state, step.
+
+        Lightning's own loop is not moved (its counters stay; the session counts from the
+        checkpoint's step); onthefly checkpoints written under Lightning reposition it exactly.
+        """
         module, trainer = self.module, self.trainer
         state_dict = document.get("state_dict")
         if not isinstance(state_dict, dict):
@@ -317,6 +335,76 @@ class LightningDelegate(FrameworkDelegate):
         if session is not None:
             session.state.step, session.state.epoch, session.state.batch_in_epoch = step, epoch, 0
         return {"path": str(path), "step": step, "epoch": epoch, "last_val_loss": None}
+
+    # ---- Lightning's loop position in onthefly checkpoints -----------------------------------
+    def capture_state(self) -> dict[str, Any] | None:
+        """Lightning's loop progress (its own `fit_loop.state_dict()`) and the precision plugin's state."""
+        trainer = self.trainer
+        if trainer.lightning_module is None or not trainer.training:
+            return None
+        state: dict[str, Any] = {"fit_loop": trainer.fit_loop.state_dict(), "hook": self.hook}
+        precision = trainer.precision_plugin.state_dict()
+        if precision:
+            state["precision"] = precision
+        return state
+
+    def restore_state(self, state: dict[str, Any] | None, document: dict[str, Any]) -> None:
+        """Move Lightning's loop to the checkpoint's position: its counters, then its data stream.
+
+        Lightning's counters come from the checkpoint's `fit_loop` state; the data fetcher is then
+        re-opened on the checkpoint's epoch with that epoch's starting RNG and fast-forwarded past
+        the batches already trained on, so the next batch is the one the saved run trained next.
+        Without Lightning state in the checkpoint (saved by another runtime) only weights and
+        optimizers move; the session then counts from the checkpoint's step.
+        """
+        session = self.session
+        trainer = self.trainer
+        if session is None or state is None or trainer.lightning_module is None:
+            return
+        if state.get("hook") != "batch_end":
+            session.log("[resume] the checkpoint was taken before its fit's first batch; Lightning's loop "
+                        "is not moved", level="warn")
+            return
+        if "precision" in state:
+            trainer.precision_plugin.load_state_dict(state["precision"])
+        fit_loop = trainer.fit_loop
+        fetcher = getattr(fit_loop, "_data_fetcher", None)
+        if fetcher is None or fit_loop._combined_loader is None:
+            raise CommandError(f"this Lightning version ({pl.__version__}) does not let onthefly reposition "
+                               "the training data", ErrorCode.FAILED)
+        fit_loop.load_state_dict(state["fit_loop"])
+        if self.hook == "batch_end":
+            # Loaded at the hook it was saved at: Lightning carries on as the saved run did.
+            fit_loop.restarting = False
+        else:
+            # Before the fit's first batch: the same path as Lightning's own resume from a checkpoint.
+            fit_loop.reset()
+            fit_loop.epoch_progress.current.completed = fit_loop.epoch_progress.current.processed
+        epoch = trainer.current_epoch
+        batches = fit_loop.epoch_loop.batch_progress.current.ready
+        data = document.get("data") or {}
+        start = data.get("epoch_start")
+        if start is not None and start.get("epoch") == epoch:
+            restore_rng_state(start["rng"])
+        else:
+            session.log(f"[resume] the checkpoint does not record how epoch {epoch} began; its remaining "
+                        "batches come in this run's order", level="warn")
+        for loader in fit_loop._combined_loader.flattened:
+            if isinstance(loader, torch.utils.data.DataLoader):
+                forward_epoch(loader, epoch)
+        self._pending_loader = None
+        iter(fetcher)
+        for _ in range(batches):
+            next(fetcher.iterator)
+        if self.hook == "batch_end":
+            fetcher.fetched = batches
+            fetcher.done = fetcher.length is not None and batches >= fetcher.length
+        session.note_epoch_start(epoch, start)
+        session.discard_resume()
+        rng = document.get("rng")
+        if rng is not None:
+            restore_rng_state(rng)
+        session.align_with_framework(trainer.global_step, epoch, batches)
 
 
 class OnTheFlyCallback(Callback):
@@ -350,6 +438,9 @@ class OnTheFlyCallback(Callback):
         session = self.session
         session.bind_runtime(pl_module, list(trainer.optimizers), schedulers, trainer.strategy.root_device)
         session.scaler = trainer.scaler
+        # The first epoch's loader iterator is created right after this hook (in Lightning's
+        # setup_data): this is the RNG state that epoch's order comes from.
+        session.note_epoch_start(trainer.current_epoch)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         session = self.session
@@ -362,10 +453,16 @@ class OnTheFlyCallback(Callback):
         self._reset_accumulation()
         session.record_position(trainer.global_step, trainer.current_epoch)
         session.before_training()
+        self.delegate.hook = "train_start"
         self.delegate.boundary_hook()  # commands sent before fit run before the first batch
+        self.delegate.hook = "batch_end"
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_val = None
+        start = self.session.data.epoch_start
+        if start is None or start.get("epoch") != trainer.current_epoch:
+            # Later epochs open their iterator right after this hook.
+            self.session.note_epoch_start(trainer.current_epoch)
 
     # ---- the hot path --------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
@@ -424,7 +521,9 @@ class OnTheFlyCallback(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.session.end_epoch(self._epoch_val, epoch=trainer.current_epoch)
-        self.delegate.apply_pending_loader()
+        if self.delegate.apply_pending_loader():
+            # Lightning sets the new loader up (and opens its iterator) before the next epoch's hooks.
+            self.session.note_epoch_start(trainer.current_epoch + 1)
 
     # ---- the end -------------------------------------------------------------------------------
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -496,18 +595,16 @@ def attach_lightning(
     """
     if not isinstance(model, pl.LightningModule):
         raise TypeError(f"model must be a lightning.pytorch.LightningModule, got {type(model).__name__}")
-    settings.setdefault("serve_after_training", False)
     settings.setdefault("diagnostics_every_n_steps", EXTERNAL_DIAGNOSTICS_EVERY)
     config = SessionConfig(project=project, run_name=run_name, do_test_after=do_test_after, transport=transport,
                            save_dir=save_dir, dashboard_port=dashboard_port, **settings)
     delegate = LightningDelegate(trainer, datamodule=datamodule, test_loader=test_loader,
                                  native_checkpoints=native_checkpoints)
-    session = OnTheFlyExternalSession(config, channel=channel)
+    session = OnTheFlyExternalSession(config, channel=channel, framework=delegate)
     try:
         session.bind_runtime(model)
         session.configure_loss_fn(loss_fn)
         session.configure_loaders(train_loader, val_loader, test_loader, datamodule)
-        session.attach_framework(delegate)
     except BaseException:
         session.close()
         raise

@@ -1,17 +1,19 @@
-"""Checkpoints of the live run: capture, background write, ring per run, load into live state.
+"""Checkpoints of the live run: capture, background write, the ring per run, loading, the reset baseline.
 
 The training thread only gathers references (and, when training goes on right away, a host copy);
 files are written by the background `CheckpointWriter`. A pause does not even wait for the copy:
 it is made in the background while the run is paused, and every job or the resumed loop waits
 for the copy (never for the disk) before touching the weights again.
+
+Commands: `save_ckpt`, `load_ckpt`, `list_checkpoints`.
 """
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -24,34 +26,69 @@ from ..checkpoints import (
     restore_rng_state,
     snapshot_to_host,
 )
+from ..control.errors import CommandError, ErrorCode
+from .command import command
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """The last checkpoint handed to the writer, so an unchanged state is not written twice."""
+
+    run_id: str
+    step: int
+    version: int
+    path: str
+    future: Future
+
+
+@dataclass
+class CheckpointState:
+    """What CheckpointMixin owns."""
+
+    writer: CheckpointWriter = field(default_factory=CheckpointWriter)
+    rings: dict[str, CheckpointRing] = field(default_factory=dict)
+    snapshotter: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="onthefly-snapshot"))
+    copy_pending: Future | None = None  # a host copy taken at pause, still in flight
+    last_saved: SavedCheckpoint | None = None
+    version: int = 0  # bumped whenever weights/optimizer change
+    baseline: dict[str, Any] | None = None  # host copy of the state at the start of training
+
+
+@dataclass
+class NoPayload:
+    """No payload fields (extra keys are ignored)."""
+
+
+@dataclass
+class LoadCkpt:
+    path: str = field(default="", metadata={"aliases": ("ckpt", "ckpt_path")})
+
+
+@dataclass
+class ListCheckpoints:
+    run_id: Optional[str] = field(default=None, metadata={"aliases": ("runId",)})
 
 
 class CheckpointMixin:
-    """Owns `ckpt_writer`, one `CheckpointRing` per run, and the reset baseline."""
+    """Owns `self.checkpoints` (a `CheckpointState`)."""
 
     def _init_checkpointing(self) -> None:
-        self.ckpt_writer = CheckpointWriter()
-        self._rings: dict[str, CheckpointRing] = {}
-        self._snapshotter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onthefly-snapshot")
-        self._copy_pending: Future | None = None
-        self._last_saved: tuple[str, int, int, str, Future] | None = None  # (run, step, version, path, future)
-        self._state_version = 0  # bumped whenever weights/optimizer change
-        self._baseline: dict[str, Any] | None = None
-        self._ckpt_lock = threading.Lock()
+        self.checkpoints = CheckpointState()
 
     # ---- state capture ----------------------------------------------------------------------
     def ring(self, run_id: str | None = None) -> CheckpointRing:
         run_id = run_id or self.cfg.run_name
-        ring = self._rings.get(run_id)
+        rings = self.checkpoints.rings
+        ring = rings.get(run_id)
         if ring is None:
-            ring = CheckpointRing(self.storage.checkpoint_dir(run_id), keep=self.cfg.ckpt_keep)
-            self._rings[run_id] = ring
+            ring = rings[run_id] = CheckpointRing(self.storage.checkpoint_dir(run_id), keep=self.cfg.ckpt_keep)
         return ring
 
     def capture_state(self) -> dict[str, Any]:
         """References to everything a bit-exact resume needs (cheap: no tensor copies)."""
         st = self.state
-        return {
+        state: dict[str, Any] = {
             "model": self.model.state_dict() if self.model is not None else None,
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -61,7 +98,7 @@ class CheckpointMixin:
             "batch_in_epoch": int(st.batch_in_epoch),
             "last_val_loss": st.last_val_loss,
             "rng": capture_rng_state(),
-            "data": self._data_state(),
+            "data": self.data_state(),
             "run": {
                 "run_id": self.cfg.run_name,
                 "run_gen": self.run_gen,
@@ -70,13 +107,18 @@ class CheckpointMixin:
                 "subset_indices": list(self.active_subset) if self.active_subset is not None else None,
             },
         }
-
-    def _meta(self, step: int) -> dict[str, Any]:
-        return {"run_id": self.cfg.run_name, "step": step, "session_id": self.session_id, "project": self.cfg.project}
+        if self.extra_optimizers:
+            state["extra_optimizers"] = [o.state_dict() for o in self.extra_optimizers]
+        if self.extra_schedulers:
+            state["extra_schedulers"] = [s.state_dict() for s in self.extra_schedulers]
+        framework = self.framework.capture_state()
+        if framework is not None:
+            state["framework"] = framework
+        return state
 
     def mark_state_changed(self) -> None:
         """Called after anything that changes weights/optimizer, so an old checkpoint is not reused."""
-        self._state_version += 1
+        self.checkpoints.version += 1
 
     # ---- saving ----------------------------------------------------------------------------
     def save_checkpoint(self, *, background_copy: bool = False) -> tuple[str, Future]:
@@ -85,46 +127,37 @@ class CheckpointMixin:
         With `background_copy` (only while paused) the host copy is made off the training thread
         too; `await_snapshot_copy()` must run before anything mutates the state.
         """
-        run_id, step, version = self.cfg.run_name, int(self.state.step), self._state_version
-        last = self._last_saved
-        if last is not None and last[:3] == (run_id, step, version) and not (
-            last[4].done() and last[4].exception() is not None
+        ck = self.checkpoints
+        run_id, step, version = self.cfg.run_name, int(self.state.step), ck.version
+        last = ck.last_saved
+        if last is not None and (last.run_id, last.step, last.version) == (run_id, step, version) and not (
+            last.future.done() and last.future.exception() is not None
         ):
-            return last[3], last[4]
+            return last.path, last.future
         ring = self.ring(run_id)
         path = ring.path_for(step)
         refs = self.capture_state()
-        meta = self._meta(step)
+        meta = {"run_id": run_id, "step": step, "session_id": self.session_id, "project": self.cfg.project}
         if background_copy:
-            copy_future = self._snapshotter.submit(snapshot_to_host, refs)
-            self._copy_pending = copy_future
+            copy_future = ck.snapshotter.submit(snapshot_to_host, refs)
+            ck.copy_pending = copy_future
             done: Future = Future()
 
-            def _after_copy(f: Future) -> None:
+            def after_copy(f: Future) -> None:
                 if f.exception() is not None:
-                    done.set_exception(CheckpointError(f"{path}: could not copy state: {f.exception()}"))
+                    done.set_exception(CheckpointError(path, f"could not copy the state: {f.exception()}"))
                     return
-                self._chain(self.ckpt_writer.submit(path, f.result(), meta=meta), done)
+                chain(ck.writer.submit(path, f.result(), meta=meta), done)
 
-            copy_future.add_done_callback(_after_copy)
+            copy_future.add_done_callback(after_copy)
             future = done
         else:
-            future = self.ckpt_writer.submit(path, snapshot_to_host(refs), meta=meta)
-        future.add_done_callback(lambda f: self._on_checkpoint_written(ring, path, step, f))
-        self._last_saved = (run_id, step, version, str(path), future)
+            future = ck.writer.submit(path, snapshot_to_host(refs), meta=meta)
+        future.add_done_callback(lambda f: self._checkpoint_written(ring, path, step, f))
+        ck.last_saved = SavedCheckpoint(run_id, step, version, str(path), future)
         return str(path), future
 
-    @staticmethod
-    def _chain(source: Future, target: Future) -> None:
-        def _copy(f: Future) -> None:
-            if f.exception() is not None:
-                target.set_exception(f.exception())
-            else:
-                target.set_result(f.result())
-
-        source.add_done_callback(_copy)
-
-    def _on_checkpoint_written(self, ring: CheckpointRing, path: Path, step: int, future: Future) -> None:
+    def _checkpoint_written(self, ring: CheckpointRing, path: Path, step: int, future: Future) -> None:
         exc = future.exception()
         if exc is not None:
             self.log(f"checkpoint {path} failed: {exc}", level="error")
@@ -132,77 +165,84 @@ class CheckpointMixin:
         ring.register(path)
         self.emit("checkpoint_saved", path=str(path), step=step)
 
+    def save_checkpoint_now(self, timeout: float = 600.0) -> str | None:
+        """Write a checkpoint of the current state and wait until it is on disk (None: no model)."""
+        if self.model is None:
+            return None
+        path, written = self.save_checkpoint()
+        written.result(timeout=timeout)
+        return path
+
     def await_snapshot_copy(self) -> None:
         """Block until a background host copy (taken at pause) is complete."""
-        pending = self._copy_pending
+        pending = self.checkpoints.copy_pending
         if pending is not None:
             pending.result()
-            self._copy_pending = None
+            self.checkpoints.copy_pending = None
 
     def checkpoint_for_pause(self) -> str | None:
+        """The pause window's checkpoint: written in the background while the run is held."""
         if self.model is None:
             return None
         path, _ = self.save_checkpoint(background_copy=True)
         return path
 
+    def pending_write(self, path: str | None) -> Future | None:
+        """The write in flight (or done) for `path`, if it is the last checkpoint handed to the writer."""
+        last = self.checkpoints.last_saved
+        if path is None or last is None or last.path != path:
+            return None
+        return last.future
+
     # ---- loading ---------------------------------------------------------------------------
     def load_checkpoint_into_state(self, path: str | Path, *, restore_rng: bool = True) -> dict[str, Any]:
-        """Load a checkpoint (ours or Lightning's) into the live objects; the loop repositions after."""
+        """Load a checkpoint into the live objects; the loop repositions after (same step, same batch)."""
         self.await_snapshot_copy()
-        ckpt = load_checkpoint(path)
-        if ckpt.get("format") == "lightning":
-            return self._load_lightning_checkpoint(path, ckpt)
+        document = load_checkpoint(path)
+        if document.get("format") == "lightning":
+            info = self.framework.load_native_checkpoint(Path(path), document)
+            if info is None:
+                raise CheckpointError(path, "is a Lightning checkpoint; only a Lightning session "
+                                            "(attach_lightning) can load it")
+            self.mark_state_changed()
+            self.request_reposition()
+            return info
         if self.model is None:
-            raise CheckpointError(f"{path}: no model is bound to the session yet")
+            raise CheckpointError(path, "no model is bound to the session yet")
         try:
-            self.model.load_state_dict(ckpt["model"], strict=True)
+            self.model.load_state_dict(document["model"], strict=True)
         except (RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: model weights do not fit this model: {exc}") from exc
+            raise CheckpointError(path, f"model weights do not fit this model: {exc}") from exc
+        pairs = [
+            ([self.optimizer] if self.optimizer is not None else [], [document.get("optimizer")]),
+            ([self.scheduler] if self.scheduler is not None else [], [document.get("scheduler")]),
+            ([self.scaler] if self.scaler is not None else [], [document.get("scaler")]),
+            (self.extra_optimizers, document.get("extra_optimizers") or []),
+            (self.extra_schedulers, document.get("extra_schedulers") or []),
+        ]
         try:
-            if self.optimizer is not None and ckpt.get("optimizer") is not None:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-            if self.scheduler is not None and ckpt.get("scheduler") is not None:
-                self.scheduler.load_state_dict(ckpt["scheduler"])
-            if self.scaler is not None and ckpt.get("scaler") is not None:
-                self.scaler.load_state_dict(ckpt["scaler"])
+            for objects, states in pairs:
+                for obj, state in zip(objects, states):
+                    if state is not None:
+                        obj.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
-            raise CheckpointError(f"{path}: optimizer/scheduler state does not fit: {exc}") from exc
+            raise CheckpointError(path, f"optimizer/scheduler state does not fit: {exc}") from exc
         st = self.state
-        st.step = int(ckpt.get("step", 0))
-        st.epoch = int(ckpt.get("epoch", 0))
-        st.batch_in_epoch = int(ckpt.get("batch_in_epoch", 0))
-        st.last_val_loss = ckpt.get("last_val_loss")
-        self._schedule_resume(ckpt.get("data") or {}, ckpt.get("rng") if restore_rng else None)
+        st.step = int(document.get("step", 0))
+        st.epoch = int(document.get("epoch", 0))
+        st.batch_in_epoch = int(document.get("batch_in_epoch", 0))
+        st.last_val_loss = document.get("last_val_loss")
         self.mark_state_changed()
-        self._last_saved = None
+        self.schedule_resume(document.get("data") or {}, document.get("rng") if restore_rng else None)
+        self.framework.restore_state(document.get("framework"), document)
         return {"path": str(path), "step": st.step, "epoch": st.epoch, "last_val_loss": st.last_val_loss}
-
-    def _load_lightning_checkpoint(self, path: str | Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-        state_dict = ckpt.get("state_dict")
-        if not isinstance(state_dict, dict):
-            raise CheckpointError(f"{path}: Lightning checkpoint has no 'state_dict'")
-        try:
-            self.model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise CheckpointError(f"{path}: Lightning weights do not fit this model: {exc}") from exc
-        opts = ckpt.get("optimizer_states") or []
-        if self.optimizer is not None and opts:
-            self.optimizer.load_state_dict(opts[0])
-        scheds = ckpt.get("lr_schedulers") or []
-        if self.scheduler is not None and scheds:
-            self.scheduler.load_state_dict(scheds[0])
-        self.state.step = int(ckpt.get("global_step", 0))
-        self.state.epoch = int(ckpt.get("epoch", 0))
-        self.mark_state_changed()
-        self._last_saved = None
-        return {"path": str(path), "step": self.state.step, "epoch": self.state.epoch, "last_val_loss": None}
 
     # ---- reset baseline --------------------------------------------------------------------
     def capture_baseline(self) -> None:
         """Keep a host copy of the state at the start of training, for `reset_session`."""
         if self.model is None:
             return
-        self._baseline = snapshot_to_host({
+        self.checkpoints.baseline = snapshot_to_host({
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
@@ -210,24 +250,80 @@ class CheckpointMixin:
             "rng": capture_rng_state(),
         })
 
+    @property
+    def has_baseline(self) -> bool:
+        return self.checkpoints.baseline is not None
+
     def restore_baseline(self) -> bool:
-        base = self._baseline
+        base = self.checkpoints.baseline
         if base is None:
             return False
         self.await_snapshot_copy()
         with torch.no_grad():
             self.model.load_state_dict(base["model"], strict=True)
-        if self.optimizer is not None and base["optimizer"] is not None:
-            self.optimizer.load_state_dict(base["optimizer"])
-        if self.scheduler is not None and base["scheduler"] is not None:
-            self.scheduler.load_state_dict(base["scheduler"])
-        if self.scaler is not None and base["scaler"] is not None:
-            self.scaler.load_state_dict(base["scaler"])
+        for obj, state in ((self.optimizer, base["optimizer"]), (self.scheduler, base["scheduler"]),
+                           (self.scaler, base["scaler"])):
+            if obj is not None and state is not None:
+                obj.load_state_dict(state)
         restore_rng_state(base["rng"])
         self.mark_state_changed()
-        self._last_saved = None
         return True
 
     def close_checkpointing(self, timeout: float | None = 30.0) -> None:
-        self._snapshotter.shutdown(wait=True)
-        self.ckpt_writer.close(timeout=timeout)
+        self.checkpoints.snapshotter.shutdown(wait=True)
+        self.checkpoints.writer.close(timeout=timeout)
+
+    # ---- commands ----------------------------------------------------------------------------
+    @command("save_ckpt", NoPayload, mutating=True,
+             description="write a ring checkpoint; replies when the file is on disk")
+    def cmd_save_ckpt(self, p: NoPayload) -> Future:
+        if self.model is None:
+            raise CommandError("no model is bound to the session yet", ErrorCode.NOT_FOUND)
+        path, written = self.save_checkpoint()
+        step, run_id = self.state.step, self.cfg.run_name
+        native = self.framework.save_native_checkpoint(self.native_checkpoint_path(step))
+        reply: Future = Future()
+
+        def done(f: Future) -> None:
+            if f.exception() is not None:
+                reply.set_exception(CommandError(f"save_ckpt failed: {f.exception()}"))
+                return
+            data = {"path": path, "step": step, "run_id": run_id}
+            if native is not None:
+                data["native_path"] = str(native)
+            reply.set_result(data)
+
+        written.add_done_callback(done)
+        return reply
+
+    def native_checkpoint_path(self, step: int) -> Path:
+        """Where a framework-native checkpoint of `step` goes: `runs/<run>/native/step-<N>.ckpt`."""
+        return self.storage.run_dir(self.cfg.run_name) / "native" / f"step-{int(step):08d}.ckpt"
+
+    @command("load_ckpt", LoadCkpt, mutating=True, description="load a checkpoint into the live run")
+    def cmd_load_ckpt(self, p: LoadCkpt) -> dict[str, Any]:
+        path = self.storage.resolve_wire_path(p.path, field="path", must_exist=True)
+        info = self.load_checkpoint_into_state(path)
+        self.emit("checkpoint_loaded", path=str(path), step=info["step"])
+        return info
+
+    @command("list_checkpoints", ListCheckpoints, mutating=False, description="checkpoints of a run")
+    def cmd_list_checkpoints(self, p: ListCheckpoints) -> dict[str, Any]:
+        run_id = p.run_id or self.cfg.run_name
+        if run_id not in self.known_runs() and run_id != self.cfg.run_name:
+            raise CommandError(f"unknown run {run_id!r}", ErrorCode.NOT_FOUND)
+        items = [{"path": str(i.path), "step": i.step, "size": i.size, "created": i.created}
+                 for i in self.ring(run_id).list()]
+        return {"run_id": run_id, "checkpoints": items}
+
+
+def chain(source: Future, target: Future) -> None:
+    """Complete `target` with `source`'s result or exception when `source` is done."""
+
+    def copy(f: Future) -> None:
+        if f.exception() is not None:
+            target.set_exception(f.exception())
+        else:
+            target.set_result(f.result())
+
+    source.add_done_callback(copy)

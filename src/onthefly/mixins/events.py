@@ -10,7 +10,6 @@ class EventsMixin:
     """Emits protocol events through `self.bus` (which stamps `event_seq`, `ts` and the run context)."""
 
     bus: Any
-    run_gen: int
 
     def emit(self, type: str, **fields: Any) -> int:
         """Queue one event; cheap enough for the training thread (no JSON, no I/O here)."""
@@ -29,6 +28,6 @@ class EventsMixin:
         if echo:
             print(f"[onthefly] {text}", file=sys.stderr, flush=True)
 
-    def _update_event_context(self) -> None:
+    def update_event_context(self) -> None:
         """Re-stamp future events after the run or session identity changed."""
         self.bus.set_context(run_id=self.cfg.run_name, run_gen=self.run_gen, session_id=self.session_id)

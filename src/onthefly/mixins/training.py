@@ -15,8 +15,9 @@ import torch
 from ..data_explorer import batch_size_of, move_to_device
 from ..telemetry import mean_lr
 
-
 StepFn = Callable[[Any], dict[str, Any]]
+#: Keys of a step's metrics that are the loop's own bookkeeping, never reported.
+PRIVATE_METRICS = ("_outputs",)
 
 
 class TrainingMixin:
@@ -45,21 +46,28 @@ class TrainingMixin:
             self.after_training(status, error)
         return status
 
-    def _run_epochs(self) -> None:
+    def _training_done(self) -> bool:
+        """The run's limits: max_epochs / max_steps of this run, or a fork's budget (which replaces them)."""
         cfg, st = self.cfg, self.state
+        if not st.running or self.lifecycle.finish_requested is not None:
+            return True
+        if self.forks.budget is not None:
+            return False
+        if cfg.max_epochs is not None and st.epoch >= cfg.max_epochs:
+            return True
+        return cfg.max_steps is not None and st.step - st.run_start_step >= cfg.max_steps
+
+    def _run_epochs(self) -> None:
+        st = self.state
         self._step_fn = self._make_step_fn()
-        while st.running:
-            if cfg.max_epochs is not None and st.epoch >= cfg.max_epochs:
-                break
-            if cfg.max_steps is not None and st.step >= cfg.max_steps:
-                break
-            self._reposition = False
+        while not self._training_done():
+            self.take_reposition()
             if st.batch_in_epoch == 0:
                 self.log(f"epoch {st.epoch}", phase="train")
             self.model.train()
             iterator = self.open_epoch_iterator(self.train_loader, st.epoch, st.batch_in_epoch)
             finished = self._run_batches(iterator)
-            if self._reposition:
+            if self.reposition_pending:
                 self.telemetry.restart(st.step)  # a command moved the run to another step
                 continue
             if not finished:
@@ -67,15 +75,15 @@ class TrainingMixin:
             self._end_epoch()
 
     def _run_batches(self, iterator: Iterator[Any]) -> bool:
-        """Train until the iterator ends (True) or the run stops / must reposition (False)."""
+        """Train until the iterator ends (True) or the run ends / must reposition (False)."""
         gate, st, cfg = self.gate, self.state, self.cfg
+        checkpoints = self.checkpoints
         step_fn = self._step_fn
-        max_steps = cfg.max_steps
         ckpt_every = cfg.ckpt_every_steps
         while True:
             if gate.pending:
                 self.at_boundary()
-                if not st.running or self._reposition:
+                if self.reposition_pending or self._training_done():
                     return False
             try:
                 batch = next(iterator)
@@ -84,15 +92,15 @@ class TrainingMixin:
             metrics = step_fn(batch)
             st.step += 1
             st.batch_in_epoch += 1
-            self._state_version += 1
+            checkpoints.version += 1
             if self.scheduler is not None and cfg.scheduler_interval == "step":
                 self.scheduler.step()
             self._record_step(metrics, batch)
-            if self._budget is not None:
+            if self.forks.budget is not None:
                 self.check_fork_budget()
             if ckpt_every and st.step % ckpt_every == 0:
                 self.save_checkpoint()
-            if max_steps is not None and st.step >= max_steps:
+            if self._training_done():
                 return False
 
     def _end_epoch(self) -> None:
@@ -100,7 +108,7 @@ class TrainingMixin:
         st, cfg = self.state, self.cfg
         val_loss = None
         if self.val_loader is not None and (st.epoch + 1) % cfg.val_every_n_epochs == 0:
-            val_loss = self.validate()
+            val_loss = self.mean_loss(self.val_loader)
             st.last_val_loss = val_loss
             self.log(f"epoch {st.epoch} val_loss = {val_loss}", phase="train")
         self.emit("epoch_end", epoch=st.epoch, val_loss=val_loss)
@@ -112,22 +120,11 @@ class TrainingMixin:
                 self.scheduler.step()
         st.epoch += 1
         st.batch_in_epoch = 0
+        self.note_fork_validation(val_loss)
 
     def validate(self) -> float | None:
         """Average loss over the validation loader (one host sync, at the end)."""
-        model, device = self.model, self.resolve_device()
-        was_training = model.training
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        model.eval()
-        try:
-            with torch.inference_mode(), self.autocast_context():
-                for batch in self.val_loader:
-                    total += self.batch_loss(self._to_device(batch)).detach().float()
-                    count += 1
-        finally:
-            model.train(was_training)
-        return float(total.item() / count) if count else None
+        return self.mean_loss(self.val_loader)
 
     # ---- one step ----------------------------------------------------------------------------
     def _to_device(self, batch: Any) -> Any:
@@ -145,7 +142,7 @@ class TrainingMixin:
             state.model, state.optimizer, state.loss_fn = self.model, self.optimizer, self.loss_fn
             out = user_fn(self._to_device(batch), state)
             if isinstance(out, dict):
-                return out
+                return dict(out)
             if torch.is_tensor(out):
                 return {"loss": out.detach()}
             raise TypeError(f"training_step must return a dict of metrics or a loss tensor, got {type(out).__name__}")
@@ -190,16 +187,15 @@ class TrainingMixin:
         step = st.step
         if not telemetry.count(step, samples, metrics.get("loss")):
             return
-        outputs = metrics.pop("_outputs", None)
+        outputs = metrics.get("_outputs")
         fields = telemetry.fields(step, st.epoch, st.last_val_loss, loss=metrics.get("loss"),
                                   accuracy=metrics.get("accuracy"), lr=mean_lr(self.optimizer),
                                   grad_norm=metrics.get("grad_norm"))
         if telemetry.diagnostics_due(step):
             targets = batch[1] if isinstance(batch, (tuple, list)) and len(batch) > 1 else None
             telemetry.add_diagnostics(fields, self.model, self.resolve_device(), outputs, targets)
-        if len(metrics) > 2:
-            for key, value in metrics.items():
-                if key not in fields:
-                    fields[key] = value
+        for key, value in metrics.items():
+            if key not in fields and key not in PRIVATE_METRICS:
+                fields[key] = value
         st.last_metrics = fields
         self.bus.emit("trainStep", fields)

@@ -1,18 +1,21 @@
-"""OnTheFlySessionBase: identity, lifecycle, the command plumbing, and the test pass.
+"""OnTheFlySessionBase: identity, lifecycle, the command plumbing and the batch boundary.
 
 A session sits between a training loop (ours, the user's or a framework's) and the control plane.
 It owns no loop itself: the loop calls `before_training`, then `tick()` at every batch boundary,
-then `after_training`. Everything else (checkpoints, determinism, runs, commands) comes from the
-mixins it is composed of.
+then `after_training`. What differs between loops goes through `self.framework` (a
+`FrameworkDelegate`); everything else (checkpoints, data, runs, reports, commands) comes from
+the mixins the session is composed of, each of which owns one small state object.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,17 +34,26 @@ from ..control import (
     TcpClientChannel,
 )
 from ..control.channels import Channel
+from ..control.envelope import Request
+from ..mixins.bundles import BundleMixin
 from ..mixins.checkpoint import CheckpointMixin
-from ..mixins.commands import CommandsMixin
-from ..mixins.determinism import DeterminismMixin
+from ..mixins.command import declared_commands
+from ..mixins.control import ControlMixin
+from ..mixins.data import DataMixin
 from ..mixins.events import EventsMixin
-from ..mixins.features import FeaturesMixin
-from ..mixins.fork_merge import ForkMergeMixin
+from ..mixins.forks import ForkMixin
 from ..mixins.health import HealthMixin
-from ..mixins.run_management import RunManagementMixin
+from ..mixins.hparams import HparamsMixin
+from ..mixins.info import InfoMixin
+from ..mixins.merges import MergeMixin
+from ..mixins.reports import ReportsMixin
+from ..mixins.runs import RunsMixin
+from ..mixins.testing import TestingMixin
 from ..telemetry import StepTelemetry, mean_lr
 from .config import SessionConfig
-from .state import RunState
+from .delegate import FrameworkDelegate
+from .errors import SessionClosed, wire_handler
+from .state import Lifecycle, RunState
 from .storage import SessionStorage
 
 
@@ -59,95 +71,99 @@ def make_channel(cfg: SessionConfig) -> Channel:
         return NullChannel()
     if cfg.transport == "memory":
         return MemoryChannel()
-    return TcpClientChannel(
-        cfg.dashboard_host, cfg.dashboard_port, allow_remote=cfg.allow_remote_dashboard
-    )
+    return TcpClientChannel(cfg.dashboard_host, cfg.dashboard_port, allow_remote=cfg.allow_remote_dashboard)
 
 
-class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunManagementMixin, ForkMergeMixin,
-                          FeaturesMixin, HealthMixin, CommandsMixin):
+class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, ForkMixin, MergeMixin, BundleMixin,
+                          ReportsMixin, ControlMixin, HparamsMixin, InfoMixin, TestingMixin, HealthMixin):
     """The framework-neutral session. Subclasses decide who drives the batches."""
 
     def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
-                 **overrides: Any) -> None:
+                 framework: FrameworkDelegate | None = None, **overrides: Any) -> None:
         cfg = config if config is not None else SessionConfig()
         if overrides:
             cfg = cfg.updated(**overrides)
         self.cfg = cfg
         self.session_id = new_session_id(cfg.project, cfg.run_name)
-        self.run_gen = 0
         self.storage = SessionStorage(cfg.save_dir, cfg.project, self.session_id, cfg.allowed_paths)
         self.storage.create({"project": cfg.project, "run_name": cfg.run_name, "pid": os.getpid()})
         self.state = RunState()
+        self.lifecycle = Lifecycle()
         self.telemetry = StepTelemetry()
 
         # Runtime objects, bound by the loop (native fit, attach, or a framework delegate).
         self.model: torch.nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
+        self.extra_optimizers: list[torch.optim.Optimizer] = []
+        self.extra_schedulers: list[Any] = []
         self.scaler: Any = None
         self.loss_fn: Callable[..., Any] | None = None
-        self.train_loader: Any = None
-        self.train_root_loader: Any = None  # the user's loader; forks train on subsets of its dataset
         self.val_loader: Any = None
         self.test_loader: Any = None
         self.device: torch.device = torch.device(cfg.device) if cfg.device else torch.device("cpu")
         self.model_factory: Callable[[], torch.nn.Module] | None = None
         self.embedding_hook: Callable[..., Any] | None = None
-        self.active_subset: list[int] | None = None
+        self.loop_thread: threading.Thread | None = None
 
         self.channel = channel if channel is not None else make_channel(cfg)
         self.bus = ControlBus(self.channel, event_log=EventLog(self.storage.events_db), session_id=self.session_id)
-        self._update_event_context()
         self.router = CommandRouter()
         self.gate = PauseGate()
-        self.gate.job_context = self._job_context
+        self.gate.job_context = self.job_context
         self.console = ConsoleAction(self.gate, self, self.emit_event)
         self.dispatcher = CommandDispatcher(self.bus, self.router, self.gate)
 
-        self._started = False
-        self._finished = False
-        self._closed = False
-        self._fatal: str | None = None
-        self._reposition = False
-        self._restart_requested = False
-        self._stop_requested = False
-        self._rng_overridden = False
-        self._loop_thread: threading.Thread | None = None
-        self._test_lock = threading.Lock()
-
         self._init_checkpointing()
-        self._init_determinism()
-        self._init_run_management()
-        self._init_features()
-        self._init_fork_merge()
-        self._register_commands(self.router)
+        self._init_data()
+        self._init_runs()
+        self._init_forks()
+        self._init_reports()
+        self._init_testing()
+        self.update_event_context()
+        self.framework = FrameworkDelegate()
+        self.use_framework(framework if framework is not None else self.default_framework())
+        for attr, declaration in declared_commands(type(self)):
+            self.router.register(declaration.name, wire_handler(getattr(self, attr)), schema=declaration.schema,
+                                 mutating=declaration.mutating, description=declaration.description)
         self.bus.start()
         self.dispatcher.start()
 
-    # ---- ControlDelegate ---------------------------------------------------------------------
+    def default_framework(self) -> FrameworkDelegate:
+        """The delegate of a session nobody attached a framework to: a plain loop."""
+        return FrameworkDelegate()
+
+    def use_framework(self, delegate: FrameworkDelegate) -> None:
+        """Adopt `delegate` and have it call `tick()` at every safe batch boundary."""
+        if not isinstance(delegate, FrameworkDelegate):
+            raise TypeError(f"a session needs a FrameworkDelegate, got {type(delegate).__name__}")
+        self.framework = delegate
+        delegate.attach(self)
+        delegate.install_batch_boundary_hook(self.tick)
+
+    # ---- ControlDelegate (what the pause window asks of the session) -------------------------
     def current_step(self) -> int:
         return int(self.state.step)
 
     def on_paused(self) -> None:
-        """Hook for framework sessions (ask the framework to hold)."""
+        self.framework.request_pause()
 
     def on_resumed(self) -> None:
-        """Hook for framework sessions (let the framework continue)."""
+        self.framework.request_resume()
 
     # ---- the boundary ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _job_context(self, name: str) -> Iterator[None]:
+    def job_context(self, name: str) -> Iterator[None]:
         """Every gate job: wait for an in-flight state copy, and leave the RNG as it found it."""
         self.await_snapshot_copy()
         rng = capture_rng_state()
-        self._rng_overridden = False
+        self.lifecycle.rng_overridden = False
         try:
             yield
         finally:
-            if not self._rng_overridden:
+            if not self.lifecycle.rng_overridden:
                 restore_rng_state(rng)
-            self._rng_overridden = False
+            self.lifecycle.rng_overridden = False
 
     def request_reposition(self) -> None:
         """Ask the loop to re-open its epoch iterator from `state` (after a load, reset, fork, merge).
@@ -155,9 +171,19 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         The RNG is left as the command set it, and the old epoch's start state is forgotten, so a
         checkpoint taken now resumes exactly where the loop will continue.
         """
-        self._reposition = True
-        self._rng_overridden = True
-        self._epoch_start = None
+        self.lifecycle.reposition = True
+        self.lifecycle.rng_overridden = True
+        self.forget_epoch_start()
+
+    @property
+    def reposition_pending(self) -> bool:
+        return self.lifecycle.reposition
+
+    def take_reposition(self) -> bool:
+        """True once after a command moved the run (the loop then re-opens its iterator)."""
+        pending = self.lifecycle.reposition
+        self.lifecycle.reposition = False
+        return pending
 
     def call(self, cmd: str, payload: dict[str, Any] | None = None, *, timeout: float | None = None) -> Any:
         """Run a command from Python, exactly as if a dashboard had sent it; returns its reply data.
@@ -165,30 +191,32 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         From another thread while a loop trains, the command waits for the next batch boundary;
         otherwise it runs right here. Errors raise `ProtocolError` (with the wire's `code`).
         """
-        from concurrent.futures import Future as _Future
-
-        from ..control.envelope import Request
-
+        if self.lifecycle.closed:
+            raise SessionClosed(f"session {self.session_id} is closed (its training ended); "
+                                f"{cmd!r} cannot run — start a new session or Trainer.fit() to continue")
         spec, validated = self.router.validate(Request(id=None, cmd=cmd, payload=payload or {}))
-        if spec.mutating and self.state.training and threading.current_thread() is not self._loop_thread:
+        if spec.mutating and self.state.training and threading.current_thread() is not self.loop_thread:
             result = self.gate.submit(lambda: self.router.execute(spec, validated), name=cmd).result(timeout)
         elif spec.mutating:
-            with self._job_context(cmd):
+            with self.job_context(cmd):
                 result = self.router.execute(spec, validated)
         else:
             result = self.router.execute(spec, validated)
-        if isinstance(result, _Future):
+        if isinstance(result, Future):
             result = result.result(timeout)
         return result
 
     def tick(self) -> bool:
         """Call at every batch boundary; runs pending commands (and blocks while paused).
 
-        Returns False when the run should stop.
+        Returns False once training should end (a `stop`, or a fork's spent budget).
         """
         if self.gate.pending:
             self.at_boundary()
-        return self.state.running
+        if self.state.running and self.lifecycle.finish_requested is None:
+            return True
+        self.framework.request_stop()
+        return False
 
     def at_boundary(self) -> None:
         self.report_unreported_steps()  # the dashboard sees the latest step before any command runs
@@ -205,76 +233,100 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
         st.last_metrics = fields
         self.bus.emit("trainStep", fields)
 
+    def request_stop(self) -> None:
+        """End training at the next boundary (also releases a paused loop)."""
+        if self.state.running or not self.lifecycle.stop_requested:
+            self.emit("stopping", step=self.state.step)
+        self.lifecycle.stop_requested = True
+        self.state.running = False
+        self.gate.interrupt()
+
+    def request_finish(self, why: str) -> None:
+        """End training as completed at the next boundary (nobody is connected to decide otherwise)."""
+        self.lifecycle.finish_requested = why
+        self.log(f"training ends: {why}")
+        self.gate.interrupt()
+
+    def has_validation(self) -> bool:
+        """Whether validation losses will be seen (a val_loader, or a framework that validates)."""
+        return self.val_loader is not None or self.framework.reports_validation()
+
     # ---- lifecycle ---------------------------------------------------------------------------
     def before_training(self) -> None:
         """Start (or restart) training: emit the opening events once, capture the reset baseline."""
+        life = self.lifecycle
         # A `stop` (or `enforce_version`) that arrived before training started still holds.
-        self.state.running = not self._stop_requested
+        self.state.running = not life.stop_requested
         self.state.training = True
         self.state.status = "running"
-        self._loop_thread = threading.current_thread()
-        self._finished = False
+        self.loop_thread = threading.current_thread()
+        life.finished = False
+        life.finish_requested = None
         if self.gate.closed:
             self.gate.reopen()
         cfg = self.cfg
         self.telemetry.configure(cfg.log_every_n_steps, cfg.diagnostics_every_n_steps, cfg.diagnostics_interval_s,
                                  cfg.log_interval_s, step=self.state.step)
-        if not self._started:
-            self._started = True
-            self.emit("session_started", project=self.cfg.project, run_name=self.cfg.run_name)
+        if not life.started:
+            life.started = True
+            self.emit("session_started", project=cfg.project, run_name=cfg.run_name)
             self.log(f"model session_id={self.session_id}")
-            self.emit_new_run(self.cfg.run_name, parents=[], meta={"kind": "root"})
-        if self._baseline is None:
+            self.emit_new_run(cfg.run_name, parents=[], meta={"kind": "root"})
+        if not self.has_baseline:
             self.capture_baseline()
 
     def after_training(self, status: str, error: BaseException | str | None = None) -> None:
         """Emit `trainingFinished` exactly once per training, whatever ended it."""
-        if self._finished:
+        if self.lifecycle.finished:
             return
-        self._finished = True
+        self.lifecycle.finished = True
         self.report_unreported_steps()
         self.state.training = False
         self.state.status = status
-        fields: dict[str, Any] = {
-            "status": status,
-            "run_id": self.cfg.run_name,
-            "step": self.state.step,
-            "session_id": self.session_id,
-        }
+        fields: dict[str, Any] = {"status": status, "run_id": self.cfg.run_name, "step": self.state.step,
+                                  "session_id": self.session_id}
         if error is not None:
             fields["error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
         self.update_run_manifest(status=status)
         self.emit("trainingFinished", **fields)
 
     def serve(self, *, timeout: float | None = None) -> bool:
-        """After training: keep answering a connected dashboard until it says stop or goes away.
+        """After training, with `serve_after_training`: keep answering a connected dashboard.
 
-        Returns True when the dashboard asked to train again (a `resume` after a fork, merge,
-        reset or checkpoint load made a new starting point), False when serving is over.
+        Serving ends on `stop`, when the dashboard goes away, or after `timeout` seconds. Returns
+        True when the dashboard asked to train again (a `resume` after a fork, merge, reset or
+        checkpoint load made a new starting point) and this runtime can (`can_train_again`).
         """
         if not self.cfg.serve_after_training or not self.bus.connected or not self.state.running:
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._restart_requested = False
+        self.lifecycle.restart_requested = False
         self.log("training finished; still serving the dashboard (send 'stop' to end)")
 
         def done() -> bool:
             expired = deadline is not None and time.monotonic() >= deadline
-            return expired or not self.state.running or not self.bus.connected or self._restart_requested
+            return (expired or not self.state.running or not self.bus.connected
+                    or self.lifecycle.restart_requested)
 
         self.gate.serve(until=done)
-        return self._restart_requested and self.state.running
+        return self.lifecycle.restart_requested and self.state.running and self.framework.can_train_again
+
+    def release_loop(self) -> None:
+        """The loop has ended for good: fail commands nobody will run, flush files and events."""
+        self.gate.close("the training loop has finished")
+        self.checkpoints.writer.flush(timeout=60)
+        self.bus.flush()
 
     def close(self, timeout: float = 10.0) -> None:
         """Flush everything (events, checkpoints) and release threads, sockets and files."""
-        if self._closed:
+        if self.lifecycle.closed:
             return
-        self._closed = True
+        self.lifecycle.closed = True
         self.state.running = False
-        self.gate.close()
+        self.gate.close("the session is closed")
         self.dispatcher.stop()
         self.close_checkpointing(timeout=timeout)
-        self.close_run_management()
+        self.close_runs()
         self.bus.close(timeout=timeout)
 
     def __enter__(self) -> "OnTheFlySessionBase":
@@ -285,86 +337,17 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DeterminismMixin, RunMan
 
     @property
     def fatal_error(self) -> str | None:
-        return self._fatal
+        return self.lifecycle.fatal
 
-    # ---- evaluation --------------------------------------------------------------------------
+    # ---- the model ---------------------------------------------------------------------------
     def resolve_device(self) -> torch.device:
         if self.model is not None:
             for p in self.model.parameters():
                 return p.device
         return self.device
 
-    def batch_loss(self, batch: Any) -> torch.Tensor:
-        """The mean loss of one batch, whatever its shape (fast path for `(inputs, targets)`)."""
-        if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0]):
-            return self.loss_fn(self.model(batch[0]), batch[1])
-        from ..data_explorer import compute_batch_loss
-
-        return compute_batch_loss(self.model, batch, self.loss_fn, per_sample=False)
-
-    def run_test(self, loader: Any = None, *, label: str = "manual") -> float | None:
-        """One pass over the test loader: `testStep` per batch, returns the average loss."""
-        from ..data_explorer import move_to_device
-
-        loader = loader if loader is not None else self.test_loader
-        if loader is None:
-            from ..control.errors import CommandError, ErrorCode
-
-            raise CommandError("no test_loader is configured for this session", ErrorCode.NOT_FOUND)
-        model = self.model
-        was_training = model.training
-        device = self.resolve_device()
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        count = 0
-        self.log(f"[test] running test '{label}'", phase="test")
-        model.eval()
-        try:
-            with torch.inference_mode(), self.autocast_context():
-                for i, batch in enumerate(loader, start=1):
-                    batch = move_to_device(batch, device)
-                    loss = self.batch_loss(batch).detach().float()
-                    total += loss
-                    count += 1
-                    self.emit("testStep", step=i, loss=loss)
-        finally:
-            model.train(was_training)
-        avg = float(total.item() / count) if count else None
-        self.log(f"step {self.state.step}: test_loss = {avg}", phase="test")
-        return avg
-
-    def autocast_context(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.cfg.amp:
-            return contextlib.nullcontext()
-        device = self.resolve_device()
-        if device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-
-    def run_labeled_test_and_ckpt(self, label: str, source: str = "manual") -> dict[str, Any]:
-        """A test pass plus a forced ring checkpoint, reported as `test_complete`."""
-        if not self._test_lock.acquire(blocking=False):
-            return {"status": "busy", "run_id": self.cfg.run_name, "session_id": self.session_id,
-                    "step": self.state.step, "label": label}
-        try:
-            self.state.test_count += 1
-            env_label = f"test_{self.state.test_count}"
-            os.environ["ONTHEFLY_TEST_LABEL"] = env_label
-            avg = self.run_test(label=label)
-            ckpt_path, _ = self.save_checkpoint()
-            result = {
-                "status": "ok",
-                "avg_loss": avg,
-                "run_id": self.cfg.run_name,
-                "session_id": self.session_id,
-                "step": self.state.step,
-                "label": label,
-                "ckpt_path": ckpt_path,
-                "env_test_label": env_label,
-                "source": source,
-            }
-            self.emit("test_complete", **result)
-            if source == "auto":
-                self.emit("auto_test_complete", **result)
-            return result
-        finally:
-            self._test_lock.release()
+    def model_with_weights(self, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """A separate model (from `model_factory`, else a deep copy of the live one) holding `state_dict`."""
+        model = self.model_factory() if self.model_factory is not None else copy.deepcopy(self.model)
+        model.load_state_dict(state_dict, strict=True)
+        return model.to(self.resolve_device())

@@ -44,7 +44,7 @@ class SessionConfig:
     dashboard_port: int | None = None
     allow_remote_dashboard: bool = False
     allowed_paths: tuple[str, ...] = ()
-    serve_after_training: bool = True
+    serve_after_training: bool = False  # keep answering a connected dashboard after training ends
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from ..mixins.training import TrainingMixin
 from .base import OnTheFlySessionBase
+from .delegate import FrameworkDelegate
 
 
 def seed_everything(seed: int) -> None:
@@ -20,8 +21,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class NativeLoop(FrameworkDelegate):
+    """The native loop reads the session's loader every epoch and stops on the session's flags."""
+
+    runtime = "trainer"
+
+    @property
+    def can_train_again(self) -> bool:
+        return True
+
+
 class OnTheFlySession(TrainingMixin, OnTheFlySessionBase):
     """A session plus the native loop. Bind objects with `bind()`, then `train()`."""
+
+    def default_framework(self) -> FrameworkDelegate:
+        return NativeLoop()
 
     def bind(
         self,
@@ -59,11 +73,10 @@ class OnTheFlySession(TrainingMixin, OnTheFlySessionBase):
         self.embedding_hook = embedding_hook
         if self.cfg.amp and self.device.type == "cuda":
             self.scaler = torch.amp.GradScaler("cuda")
-        self.train_root_loader = train_loader
-        self.train_loader = self.prepare_train_loader(train_loader)
+        self.bind_train_loader(train_loader)
 
     def run(self) -> str:
-        """Train, then serve a connected dashboard; train again whenever it resumes a new run."""
+        """Train; with `serve_after_training`, serve a connected dashboard and train again when it resumes."""
         status = self.train()
         while self.serve():
             status = self.train()
