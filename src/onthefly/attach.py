@@ -61,6 +61,7 @@ class OwnLoopSession(OnTheFlyExternalSession):
         self._crash: BaseException | None = None
         self._previous_excepthook: Callable[..., Any] | None = None
         self._epoch_full = False  # the last batch of the epoch was reported; epoch_end is still due
+        self._moved = False  # a command moved the run while batches() was handing out an epoch
 
     # ---- the per-batch call ------------------------------------------------------------------
     def step(self, loss: Any = None, **metrics: Any) -> bool:
@@ -90,8 +91,9 @@ class OwnLoopSession(OnTheFlyExternalSession):
         while st.running and self.lifecycle.finish_requested is None and (max_epochs is None or st.epoch < max_epochs):
             self.take_reposition()
             yield st.epoch
-            if self.reposition_pending:
-                continue  # a command moved the run: its epoch is not over
+            if self._moved:
+                self._moved = False
+                continue  # a command moved the run: this epoch is not over
             if self._epoch_full or st.batch_in_epoch > 0:
                 self._close_epoch(None)
 
@@ -107,10 +109,19 @@ class OwnLoopSession(OnTheFlyExternalSession):
             raise RuntimeError("session.batches() needs the train_loader passed to onthefly.attach()")
         self._epoch_len = _length(loader)
         self._batch_size = int(getattr(loader, "batch_size", None) or 0)
-        for batch in self.open_epoch_iterator(loader, st.epoch, st.batch_in_epoch):
-            yield batch
-            if self.reposition_pending or not st.running or self.lifecycle.finish_requested is not None:
-                return
+        self._moved = False
+        moves = self.lifecycle.moves
+        self.session_positions_data = True
+        try:
+            for batch in self.open_epoch_iterator(loader, st.epoch, st.batch_in_epoch):
+                yield batch
+                if self.lifecycle.moves != moves:
+                    self._moved, self._epoch_full = True, False
+                    return
+                if not st.running or self.lifecycle.finish_requested is not None:
+                    return
+        finally:
+            self.session_positions_data = False
 
     def end_epoch(self, val_loss: Any = None, *, epoch: int | None = None) -> None:
         """End the epoch, optionally with its validation loss; emits one `epoch_end`.
@@ -120,6 +131,8 @@ class OwnLoopSession(OnTheFlyExternalSession):
         """
         if epoch is not None:
             raise TypeError("OwnLoopSession counts epochs itself; call end_epoch() without epoch=")
+        if self._moved:
+            return  # a command moved the run inside this epoch: it has not ended
         if self._epoch_full or self.state.batch_in_epoch > 0:
             self._close_epoch(val_loss)
         elif val_loss is not None:
@@ -220,14 +233,16 @@ def attach(
     model_factory: Callable[[], nn.Module] | None = None,
     embedding_hook: Callable[..., Any] | None = None,
     resume_from: str | os.PathLike | None = None,
+    resume_run: str | None = None,
     **settings: Any,
 ) -> OwnLoopSession:
     """Connect a hand-written training loop to a dashboard; returns the session to call `step()` on.
 
     Nothing about the loop changes: the model is not moved, the loaders are not replaced. The
     session starts at once (`session_started`, `newRun`), takes commands from then on, and runs
-    the mutating ones inside `session.step()`. `resume_from` loads an onthefly checkpoint first
-    (iterate `session.epochs()`/`session.batches()` to continue mid-epoch exactly). Other
+    the mutating ones inside `session.step()`. `resume_from` continues from an onthefly checkpoint
+    or a session bundle (`resume_run`: which of its runs); iterate `session.epochs()` /
+    `session.batches()` to continue mid-epoch exactly. Other
     `SessionConfig` settings (for example `log_every_n_steps`, `do_test_after`, `ckpt_keep`) may
     be passed as keywords.
     """
@@ -242,9 +257,9 @@ def attach(
         session.model_factory = model_factory
         session.embedding_hook = embedding_hook
         if resume_from is not None:
-            info = session.load_checkpoint_into_state(resume_from)
+            session.resume_from(resume_from, resume_run)
             session.take_reposition()
-            session.record_position(info["step"], info["epoch"])
+            session.record_position(session.state.step, session.state.epoch)
         session.start(train_loader)
     except BaseException:
         session.close()

@@ -385,6 +385,12 @@ def _move_into_place(built: Path, target: Path, overwrite: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def is_bundle(path: str | os.PathLike[str]) -> bool:
+    """A session bundle: a folder with manifest.json, or a .tar/.tar.gz/.tgz archive."""
+    p = Path(path)
+    return (p.is_dir() and (p / "manifest.json").is_file()) or p.name.endswith((".tar", ".tar.gz", ".tgz"))
+
+
 def verify_bundle(path: str | os.PathLike[str]) -> BundleInfo:
     """Check a bundle (a folder, its `manifest.json`, or an archive) and return what it holds.
 

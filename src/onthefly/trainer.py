@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -12,12 +11,6 @@ from .control.channels import Channel
 from .progress import ProgressDisplay, wants_progress
 from .session.config import DATA_ORDER_POLICIES, ConfigError, SessionConfig
 from .session.native import OnTheFlySession, seed_everything
-
-
-def is_bundle(path: str | os.PathLike) -> bool:
-    """A session bundle: a folder with manifest.json, or a .tar/.tar.gz/.tgz archive."""
-    p = Path(path)
-    return (p.is_dir() and (p / "manifest.json").is_file()) or p.name.endswith((".tar", ".tar.gz", ".tgz"))
 
 
 class Trainer:
@@ -110,10 +103,8 @@ class Trainer:
                          val_loader=val_loader, test_loader=test_loader, scheduler=scheduler, device=device,
                          model_factory=model_factory, embedding_hook=embedding_hook)
             resume_from = resume_from or os.environ.get("ONTHEFLY_INIT_CKPT") or None
-            if resume_from and is_bundle(resume_from):
-                session.resume_from_bundle(resume_from, resume_run)
-            elif resume_from:
-                session.resume_from_checkpoint(resume_from)
+            if resume_from:
+                session.resume_from(resume_from, resume_run)
                 init_step = os.environ.get("ONTHEFLY_INIT_STEP")
                 if init_step:
                     session.state.step = int(init_step)

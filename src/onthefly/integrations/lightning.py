@@ -143,6 +143,8 @@ class LightningDelegate(FrameworkDelegate):
         self._pending_loader: Any = None
         #: Where Lightning is: "train_start" (before the first batch of a fit) or "batch_end".
         self.hook = "train_start"
+        #: (checkpoint or bundle, run) to continue from, loaded before the first batch of the fit.
+        self.pending_resume: tuple[Any, str | None] | None = None
 
     # ---- attach ----------------------------------------------------------------------------
     def attach(self, session: OnTheFlyExternalSession) -> None:
@@ -386,6 +388,11 @@ class LightningDelegate(FrameworkDelegate):
         start = data.get("epoch_start")
         if start is not None and start.get("epoch") == epoch:
             restore_rng_state(start["rng"])
+            if start.get("generator") is not None:
+                for loader in fit_loop._combined_loader.flattened:
+                    generator = getattr(loader, "generator", None)
+                    if isinstance(generator, torch.Generator):
+                        generator.set_state(start["generator"])
         else:
             session.log(f"[resume] the checkpoint does not record how epoch {epoch} began; its remaining "
                         "batches come in this run's order", level="warn")
@@ -440,7 +447,9 @@ class OnTheFlyCallback(Callback):
         session.scaler = trainer.scaler
         # The first epoch's loader iterator is created right after this hook (in Lightning's
         # setup_data): this is the RNG state that epoch's order comes from.
-        session.note_epoch_start(trainer.current_epoch)
+        source = getattr(getattr(trainer.fit_loop, "_data_source", None), "instance", None)
+        session.note_epoch_start(trainer.current_epoch,
+                                 loader=source if isinstance(source, torch.utils.data.DataLoader) else None)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         session = self.session
@@ -452,8 +461,13 @@ class OnTheFlyCallback(Callback):
         self._loss_scale = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
         self._reset_accumulation()
         session.record_position(trainer.global_step, trainer.current_epoch)
-        session.before_training()
         self.delegate.hook = "train_start"
+        resume, self.delegate.pending_resume = self.delegate.pending_resume, None
+        if resume is not None:
+            with session.job_context("resume_from"):
+                session.resume_from(*resume)
+            session.take_reposition()
+        session.before_training()
         self.delegate.boundary_hook()  # commands sent before fit run before the first batch
         self.delegate.hook = "batch_end"
 
@@ -583,6 +597,8 @@ def attach_lightning(
     dashboard_port: int | None = None,
     channel: Channel | None = None,
     native_checkpoints: bool = True,
+    resume_from: str | os.PathLike | None = None,
+    resume_run: str | None = None,
     **settings: Any,
 ) -> OnTheFlyExternalSession:
     """Connect a Lightning `Trainer` to a dashboard; then call `trainer.fit(model, ...)` as usual.
@@ -591,7 +607,10 @@ def attach_lightning(
     default they are taken from what `fit` receives. `test_loader` (or a datamodule's or the
     module's `test_dataloader`) is what `test_now` and `do_test_after` run Lightning's `test` on.
     `loss_fn` is used only for modules without a `test_step`. `native_checkpoints` makes
-    `save_ckpt` also write a Lightning `.ckpt`. Other `SessionConfig` settings may be passed.
+    `save_ckpt` also write a Lightning `.ckpt`. `resume_from` (an onthefly checkpoint written
+    under Lightning, or a session bundle; `resume_run` picks the bundle's run) is loaded before
+    the first batch, and Lightning's own loop continues from its position: the run continues
+    bit-exactly (with `Trainer(deterministic=True)`). Other `SessionConfig` settings may be passed.
     """
     if not isinstance(model, pl.LightningModule):
         raise TypeError(f"model must be a lightning.pytorch.LightningModule, got {type(model).__name__}")
@@ -605,6 +624,8 @@ def attach_lightning(
         session.bind_runtime(model)
         session.configure_loss_fn(loss_fn)
         session.configure_loaders(train_loader, val_loader, test_loader, datamodule)
+        if resume_from is not None:
+            delegate.pending_resume = (resume_from, resume_run)  # Lightning's loop exists once fit starts
     except BaseException:
         session.close()
         raise

@@ -58,6 +58,17 @@ class BundleMixin:
                 copied.append({"run": run_id, "step": info.step, "path": str(target)})
         return copied
 
+    def resume_from(self, path: str | Path, run_id: str | None = None) -> dict[str, Any]:
+        """Continue from a checkpoint, or from a run of a session bundle (`run_id`; default its newest run)."""
+        from ..session_bundle import is_bundle
+
+        if is_bundle(path):
+            return self.resume_from_bundle(path, run_id)
+        info = self.load_checkpoint_into_state(path)
+        self.log(f"[resume] restored {path} at step {info['step']}")
+        self.emit("checkpoint_loaded", path=str(path), step=info["step"])
+        return info
+
     def resume_from_bundle(self, bundle: str | Path, run_id: str | None = None) -> dict[str, Any]:
         """Import a session bundle (every checksum verified) and continue one of its runs here.
 

@@ -237,13 +237,14 @@ class DataMixin:
         self.data.generation += 1
         self.request_reposition()
 
-    def note_epoch_start(self, epoch: int, start: dict[str, Any] | None = None) -> None:
+    def note_epoch_start(self, epoch: int, start: dict[str, Any] | None = None, *, loader: Any = None) -> None:
         """A loop we do not drive is about to open `epoch`'s iterator: remember the RNG it starts from.
 
-        With `start` (a recorded epoch start, e.g. from a checkpoint) that record is kept instead.
+        The RNG state, and the train loader's own generator (`loader`, default the user's train
+        loader); with `start` (a recorded epoch start, e.g. from a checkpoint) that record is kept.
         """
         if start is None:
-            gen = getattr(self.data.root_loader, "generator", None)
+            gen = getattr(loader if loader is not None else self.data.root_loader, "generator", None)
             start = {"epoch": int(epoch), "rng": capture_rng_state(),
                      "generator": gen.get_state() if isinstance(gen, torch.Generator) else None}
         self.data.epoch_start = start

@@ -24,6 +24,12 @@ class EventsSince:
     event_seq: int = 0
     limit: int = 1000
 
+    def __post_init__(self) -> None:
+        if self.event_seq < 0:
+            raise ValueError(f"event_seq must be >= 0, got {self.event_seq}")
+        if not 1 <= self.limit <= 10_000:
+            raise ValueError(f"limit must be in 1..10000, got {self.limit}")
+
 
 @dataclass
 class CleanDisk:

@@ -172,6 +172,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         checkpoint taken now resumes exactly where the loop will continue.
         """
         self.lifecycle.reposition = True
+        self.lifecycle.moves += 1
         self.lifecycle.rng_overridden = True
         self.forget_epoch_start()
 
@@ -271,7 +272,13 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
             life.started = True
             self.emit("session_started", project=cfg.project, run_name=cfg.run_name)
             self.log(f"model session_id={self.session_id}")
-            self.emit_new_run(cfg.run_name, parents=[], meta={"kind": "root"})
+            manifest = self.read_manifest(cfg.run_name)
+            if manifest is None:
+                self.emit_new_run(cfg.run_name, parents=[], meta={"kind": "root"})
+            else:  # a run resumed from a bundle keeps its lineage
+                self.update_run_manifest(status="running")
+                self.emit("newRun", **self.new_run_fields(cfg.run_name, manifest.get("parents") or [],
+                                                          manifest.get("meta") or {"kind": manifest.get("kind")}))
         if not self.has_baseline:
             self.capture_baseline()
 

@@ -162,11 +162,14 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
             # epoch. Unless the framework repositioned its own loop, the position in the epoch stays.
             self._step_offset = self.state.step - self._framework_step
             self._epoch_offset = self.state.epoch - self._framework_epoch
-            if not self.framework_repositioned:
+            if not (self.framework_repositioned or self.session_positions_data):
                 self.state.batch_in_epoch = position
         self.framework_repositioned = False
 
+    #: The framework moved its own loop to the session's position during the last command.
     framework_repositioned = False
+    #: The loop iterates batches the session hands out (and re-positions after a command).
+    session_positions_data = False
 
     def record_position(self, step: int, epoch: int) -> None:
         """The framework's counters where training (re)starts, e.g. after it resumed its own checkpoint."""
@@ -202,6 +205,9 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         st.batch_in_epoch = st.batch_in_epoch + 1 if batch_in_epoch is None else batch_in_epoch
         self.checkpoints.version += 1
         self.report_step(metrics, samples, more_metrics)
+        every = self.cfg.ckpt_every_steps
+        if every and st.step % every == 0:
+            self.save_checkpoint()
         if self.forks.budget is not None:
             self.check_fork_budget()
 

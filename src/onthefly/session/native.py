@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from typing import Any, Callable
 
@@ -81,13 +80,6 @@ class OnTheFlySession(TrainingMixin, OnTheFlySessionBase):
         while self.serve():
             status = self.train()
         return status
-
-    def resume_from_checkpoint(self, path: str | os.PathLike) -> dict[str, Any]:
-        """Load a checkpoint before training starts; the loop continues from its step and batch."""
-        info = self.load_checkpoint_into_state(path)
-        self.log(f"[resume] restored {path} at step {info['step']}")
-        self.emit("checkpoint_loaded", path=str(path), step=info["step"])
-        return info
 
 
 def _default_device(model: torch.nn.Module) -> torch.device:

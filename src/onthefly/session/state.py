@@ -34,4 +34,5 @@ class Lifecycle:
     finish_requested: str | None = None  # why training should end as completed (e.g. a fork's budget)
     restart_requested: bool = False  # serving after training: a resume asked to train again
     reposition: bool = False  # a command moved the run; the loop must re-open its epoch iterator
+    moves: int = 0  # how many times a command moved the run (loops that iterate for the user watch it)
     rng_overridden: bool = False  # the running gate job set the RNG on purpose
