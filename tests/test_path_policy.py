@@ -227,7 +227,7 @@ def test_safe_component_always_yields_a_safe_name():
     hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the dev extra")
     from hypothesis import strategies as st
 
-    @hypothesis.settings(max_examples=400, derandomize=True, deadline=None)
+    @hypothesis.settings(max_examples=400, derandomize=True, deadline=None, database=None)
     @hypothesis.given(st.text(max_size=300))
     def check(name: str) -> None:
         derived = safe_component(name)
