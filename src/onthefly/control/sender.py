@@ -40,6 +40,7 @@ _MARK = 2  # (_MARK, after_seq, threading.Event)
 _SEND_BYTES = 1 << 20  # at most this much per channel.send (whole lines)
 _PAGE_ROWS = 2000  # events read back from the log per page
 _POLL_S = 0.5  # wake at least this often, for channels that never announce a connection
+_RETRY_S = 0.05  # pause after a failed send on a channel that still reports a connection
 
 Announcer = Callable[[], list]
 
@@ -263,6 +264,8 @@ class Sender:
                 self.dropped_replies += replies  # the events stay at the cursor: the log has them
         for mark in marks:
             mark.set()
+        if not ok:
+            self._after_failed_send()
 
     def _send_from_log(self, first: int, last: int) -> None:
         if last < first:
@@ -284,6 +287,8 @@ class Sender:
                 self._cursor = max(self._cursor, rows[-1][0] + 1)
                 self.replayed_events += len(rows)
                 self._stall_warned = False
+        else:
+            self._after_failed_send()
 
     def _announce(self) -> bool:
         """Send the connect announcements; True when they went out (or there were none)."""
@@ -299,9 +304,17 @@ class Sender:
         if not lines:
             return True
         if not self.channel.send(("\n".join(lines) + "\n").encode("utf-8")):
+            self._after_failed_send()
             return False
         self.announced_events += len(lines)
         return True
+
+    def _after_failed_send(self) -> None:
+        """A channel that refuses a send but still says it is connected must not make us spin."""
+        if self.channel.connected:
+            with self._cond:
+                if not self._stopping:
+                    self._cond.wait(_RETRY_S)
 
     def _announcement(self, event: Any) -> str:
         if not isinstance(event, dict) or not isinstance(event.get("type"), str) or not event["type"]:
