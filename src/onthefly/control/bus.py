@@ -377,13 +377,19 @@ class ControlBus:
             deadline = time.monotonic() + timeout
             writer = self._writer
             if writer is not None and writer.is_alive():
-                if not self.flush(timeout):
+                # The log first (it never waits on the socket), then whatever time is left for
+                # the dashboard to read the rest.
+                delivered = self.flush(timeout, wire=False) and self.flush(
+                    max(0.0, deadline - time.monotonic())
+                )
+                if not delivered:
                     log.warning("onthefly: control bus flush did not finish within %.1f s", timeout)
             with self._seq_lock:
                 self._closed = True
             if writer is not None and writer.is_alive():
                 self._out.put((_STOP,), urgent=True)
-                writer.join(max(0.0, deadline - time.monotonic()))
+                # Persisting what is queued is never given up for a deadline shorter than a second.
+                writer.join(max(1.0, deadline - time.monotonic()))
             self._sender.stop()
             self._sender.join(min(0.2, max(0.0, deadline - time.monotonic())))
             # Closing the channel unblocks a send to a dashboard that stopped reading.
