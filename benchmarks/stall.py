@@ -22,7 +22,6 @@ import sys
 import tempfile
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 PRODUCER = textwrap.dedent(

@@ -23,15 +23,14 @@ from onthefly.checkpoints import (
     CheckpointError,
     CheckpointRing,
     CheckpointWriter,
-    capture_rng_state,
     find_unloadable_value,
     load_checkpoint,
     read_meta,
-    restore_rng_state,
     save_checkpoint,
-    snapshot_to_host,
     step_from_filename,
 )
+from onthefly.rng import capture_rng_state, restore_rng_state
+from onthefly.snapshot import snapshot_to_host
 
 
 class Opaque:

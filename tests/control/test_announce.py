@@ -6,7 +6,7 @@ import json
 import logging
 import threading
 
-from onthefly.control import ControlBus, MemoryChannel, TcpClientChannel
+from onthefly.control import MemoryChannel, TcpClientChannel
 
 from .conftest import WAIT, wait_until
 
