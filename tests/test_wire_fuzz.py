@@ -112,7 +112,7 @@ def hostile_write_paths(box: Sandbox) -> list[str]:
     return [
         REAL_TMP_PROBE, REAL_TMP_PROBE + "/x.csv", "../../../x.csv", "~/.bashrc", "~/.ssh/authorized_keys",
         "~/.config/autostart/x.csv", str(box.outside / "x.csv"), "escape/x.csv", "/etc/x.csv", "a\x00b.csv",
-        "", str(box.home / "Downloads" / "thesis.csv"), "notes.csv", ".git/hooks/pre-commit",
+        str(box.home / "Downloads" / "thesis.csv"), "notes.csv", ".git/hooks/pre-commit",
     ]
 
 
@@ -318,8 +318,9 @@ JUNK_LINES = [
 def known_attacks(box: Sandbox) -> tuple[list[dict], list[dict]]:
     """The inputs issue 17 found by hand: (path and name attacks, optimizer-value attacks).
 
-    Each must be refused (`bad_payload`/`not_found`); the `spill_all`s in between are ordinary
-    requests that must succeed without writing outside the allowed folders.
+    Each must be refused (`bad_payload`/`not_found`); the `save_ckpt`s and `spill_all`s in
+    between are ordinary requests that must succeed (a refused request must not have changed
+    the session) without writing outside the allowed folders.
     """
     probe = REAL_TMP_PROBE + "/x"
     ckpt = Ref("ckpt", 0)
@@ -327,9 +328,11 @@ def known_attacks(box: Sandbox) -> tuple[list[dict], list[dict]]:
         ("export_subset", {"run_id": probe, "format": "csv"}, "known", "run_id = " + probe),
         ("export_subset", {"run_id": "../" * 12 + "x", "format": "csv"}, "known", "run_id climbs out"),
         ("switch_run", {"run_id": probe, "init_ckpt": ckpt}, "known", "run_id = " + probe),
-        ("spill_all", {}, "valid", "after switch_run to a hostile run id"),
+        ("save_ckpt", {}, "ok", "after a refused switch_run to a hostile run id"),
+        ("spill_all", {}, "ok", "after a refused switch_run to a hostile run id"),
         ("attach_context", {"run_id": "../../x", "init_ckpt": ckpt}, "known", "run_id = '../../x'"),
-        ("spill_all", {"dir": str(box.temp / "spill")}, "valid", "after attach_context to a hostile run id"),
+        ("save_ckpt", {}, "ok", "after a refused attach_context to a hostile run id"),
+        ("spill_all", {"dir": str(box.temp / "spill")}, "ok", "after a refused attach_context to a hostile run id"),
         ("export_subset", {"out_path": "~/.bashrc", "format": "csv"}, "known", "out_path = ~/.bashrc"),
         ("load_ckpt", {"path": "~/.bashrc"}, "known", "not a checkpoint"),
     ]
@@ -485,6 +488,9 @@ def test_fuzzing_every_command_keeps_the_session_alive_and_the_disk_clean(tmp_pa
                 note("replies", request, f"{len(replies)} replies: {replies}")
             if request["mode"] == "known" and (reply["ok"] or reply.get("code") not in REFUSED):
                 note("known attack not refused", request, reply)
+                continue
+            if request["mode"] == "ok" and not reply["ok"]:
+                note("ordinary request refused", request, reply)
                 continue
             if reply["ok"]:
                 # A hostile *read* path may be accepted (reads are allowed anywhere); what it must
