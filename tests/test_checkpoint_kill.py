@@ -21,10 +21,10 @@ import torch
 from onthefly.checkpoints import (
     CheckpointRing,
     CheckpointWriter,
-    capture_rng_state,
     load_checkpoint,
-    snapshot_to_host,
 )
+from onthefly.rng import capture_rng_state
+from onthefly.snapshot import snapshot_to_host
 
 pytestmark = pytest.mark.skipif(
     sys.platform == "win32", reason="SIGKILL and fork do not exist on Windows"

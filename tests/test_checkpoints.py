@@ -23,15 +23,14 @@ from onthefly.checkpoints import (
     CheckpointError,
     CheckpointRing,
     CheckpointWriter,
-    capture_rng_state,
     find_unloadable_value,
     load_checkpoint,
     read_meta,
-    restore_rng_state,
     save_checkpoint,
-    snapshot_to_host,
     step_from_filename,
 )
+from onthefly.rng import capture_rng_state, restore_rng_state
+from onthefly.snapshot import snapshot_to_host
 
 
 class Opaque:
@@ -260,7 +259,7 @@ def write_raw(path: Path, obj: object) -> Path:
         ("foreign", "foreign format 'other.tool'"),
         ("newer", "format version 2, newer than"),
         ("bad_version", "invalid format version '1'"),
-        ("unsafe", "refused it because it stores objects that need full unpickling"),
+        ("unsafe", r"holds objects onthefly will not unpickle \(global [\w.]*Opaque\)"),
         ("folder", "is not a regular file"),
     ],
 )
@@ -334,6 +333,44 @@ def test_lightning_checkpoint_with_objects_is_refused_with_advice(tmp_path: Path
     with pytest.raises(CheckpointError, match="add_safe_globals") as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
+    assert "weights_only=False" not in str(info.value) and "set to `False`" not in str(info.value)
+
+
+class Payload:
+    """Runs a shell command when unpickled: what a malicious checkpoint carries."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_naming_the_global_without_unsafe_advice(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = write_raw(tmp_path / "evil.pt", {"format": FORMAT, "version": 1, "meta": {}, "x": Payload(marker)})
+    for load in (load_checkpoint, read_meta):
+        with pytest.raises(CheckpointError) as info:
+            load(path)
+        message = str(info.value)
+        assert message.startswith(f"checkpoint {path}: holds objects onthefly will not unpickle (global ")
+        assert f"global {os.system.__module__}.system" in message  # posix.system (nt.system on Windows)
+        assert "treat the file as malicious" in message
+        assert "weights_only=True" in message
+        assert "weights_only=False" not in message and "False" not in message
+        assert "add_safe_globals" not in message  # never advise allowing os.system
+    assert not marker.exists()
+
+
+def test_rng_helpers_live_in_their_own_module_and_are_re_exported() -> None:
+    from onthefly import rng
+
+    assert checkpoints.capture_rng_state is rng.capture_rng_state
+    assert checkpoints.restore_rng_state is rng.restore_rng_state
+    state = rng.capture_rng_state()
+    expected = [random.random(), float(np.random.rand()), float(torch.rand(1))]
+    rng.restore_rng_state(state)
+    assert [random.random(), float(np.random.rand()), float(torch.rand(1))] == expected
 
 
 def test_read_meta_returns_meta_and_step(tmp_path: Path) -> None:

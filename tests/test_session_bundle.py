@@ -505,9 +505,9 @@ def test_latest_checkpoint_errors_name_the_run(session: FakeSession, tmp_path: P
 def test_runs_without_checkpoints_or_with_unsafe_ids_are_recorded(tmp_path: Path) -> None:
     storage = SessionStorage(tmp_path / "home", "proj", "s1")
     storage.create({"project": "proj"})
-    # The root run id has a space; its folder is the sanitised name, as SessionStorage makes it.
-    storage.run_dir("my run").mkdir(parents=True)
-    (storage.run_dir("my run") / "run.json").write_text(json.dumps({"run_id": "my run", "parents": []}))
+    # The root run id has a space; its folder is the sanitised name (as older sessions wrote it).
+    (storage.folder / "runs" / "my-run").mkdir(parents=True)
+    (storage.folder / "runs" / "my-run" / "run.json").write_text(json.dumps({"run_id": "my run", "parents": []}))
     storage.run_dir("fork1").mkdir(parents=True)
     (storage.run_dir("fork1") / "run.json").write_text(json.dumps({"run_id": "fork1", "parents": ["my run"]}))
     save_checkpoint(storage.checkpoint_dir("fork1") / "step-00000001.pt", {"step": 1})

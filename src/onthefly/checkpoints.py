@@ -1,22 +1,21 @@
-"""The checkpoint file format: atomic save, safe (weights-only) load, RNG state, the ring folder.
+"""The checkpoint file format: atomic save, safe (weights-only) load, the writer thread, the ring folder.
 
 Nothing here knows about sessions. A checkpoint is one `torch.save` of a dict
 `{"format": FORMAT, "version": FORMAT_VERSION, "meta": {...}, **payload}` written through a
 temp file and `os.replace`, so a kill at any moment leaves the file complete or absent. Loading
 uses `torch.load(weights_only=True)` and nothing else: a file that needs full unpickling is
-refused with a `CheckpointError`, never retried unsafely.
+refused with a `CheckpointError`, never retried unsafely. RNG capture and restore live in
+`onthefly.rng`, host snapshots in `onthefly.snapshot` (both re-exported here for existing imports).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import copy
 import logging
 import os
 import pickle
 import queue
-import random
 import re
 import threading
 import zipfile
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 
 __all__ = [
@@ -49,7 +47,9 @@ __all__ = [
     "write_atomically",
 ]
 
-from .fileio import atomic_write, fsync_directory  # noqa: F401  (fsync_directory is re-exported)
+from .fileio import DiskFullError, atomic_write, fsync_directory  # noqa: F401  (fsync_directory is re-exported)
+from .rng import capture_rng_state, restore_rng_state  # noqa: F401  (re-exported: older imports use them)
+from .snapshot import snapshot_to_host  # noqa: F401  (re-exported likewise)
 
 log = logging.getLogger(__name__)
 
@@ -82,174 +82,8 @@ class CheckpointError(Exception):
 
 
 # --------------------------------------------------------------------------------------------
-# RNG state
+# The weights-only check
 # --------------------------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Return python, numpy, torch and CUDA RNG states in a form `weights_only` loading accepts.
-
-    numpy's legacy state tuple holds a uint32 array and Python's holds a tuple of ints; both are
-    turned into plain ints, lists and int64 tensors so the checkpoint needs no unsafe pickling.
-    """
-    py_version, py_internal, py_gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state(legacy=True)
-    cuda_states: list[torch.Tensor] = []
-    if torch.cuda.is_available():
-        cuda_states = [state.clone() for state in torch.cuda.get_rng_state_all()]
-    return {
-        "python": {"version": int(py_version), "state": list(py_internal), "gauss": py_gauss},
-        "numpy": {
-            "bit_generator": str(np_name),
-            "keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64).copy()),
-            "pos": int(np_pos),
-            "has_gauss": int(np_has_gauss),
-            "cached_gaussian": float(np_cached),
-        },
-        "torch": torch.get_rng_state(),
-        "cuda": cuda_states,
-    }
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Set python, numpy, torch (and CUDA when present) RNGs from `capture_rng_state()` output."""
-    if not isinstance(state, Mapping):
-        raise TypeError(f"RNG state must be a dict, got {type(state).__name__}")
-    missing = [key for key in ("python", "numpy", "torch") if key not in state]
-    if missing:
-        raise ValueError(f"RNG state is missing {missing}; expected keys python, numpy, torch, cuda")
-    unknown = sorted(set(state) - {"python", "numpy", "torch", "cuda"})
-    if unknown:
-        raise ValueError(f"RNG state has unknown keys {unknown}; expected python, numpy, torch, cuda")
-
-    py_state = _python_rng_tuple(state["python"])
-    np_state = _numpy_rng_tuple(state["numpy"])
-    torch_state = state["torch"]
-    if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8:
-        raise ValueError(f"RNG state 'torch' must be a uint8 tensor, got {_describe(torch_state)}")
-    cuda_states = state.get("cuda", [])
-    if not isinstance(cuda_states, (list, tuple)) or not all(
-        isinstance(s, torch.Tensor) and s.dtype == torch.uint8 for s in cuda_states
-    ):
-        raise ValueError("RNG state 'cuda' must be a list of uint8 tensors")
-
-    random.setstate(py_state)
-    np.random.set_state(np_state)
-    torch.set_rng_state(torch_state.detach().cpu())
-    _restore_cuda_rng(list(cuda_states))
-
-
-def _python_rng_tuple(value: Any) -> tuple[Any, ...]:
-    if not isinstance(value, Mapping) or not {"version", "state", "gauss"} <= set(value):
-        raise ValueError("RNG state 'python' must be a dict with keys version, state, gauss")
-    internal = value["state"]
-    if not isinstance(internal, (list, tuple)) or not all(isinstance(v, int) for v in internal):
-        raise ValueError("RNG state 'python.state' must be a list of ints")
-    return (int(value["version"]), tuple(internal), value["gauss"])
-
-
-def _numpy_rng_tuple(value: Any) -> tuple[Any, ...]:
-    needed = {"bit_generator", "keys", "pos", "has_gauss", "cached_gaussian"}
-    if not isinstance(value, Mapping) or not needed <= set(value):
-        raise ValueError(f"RNG state 'numpy' must be a dict with keys {sorted(needed)}")
-    keys = value["keys"]
-    if not isinstance(keys, torch.Tensor) or keys.dim() != 1:
-        raise ValueError(f"RNG state 'numpy.keys' must be a 1-d tensor, got {_describe(keys)}")
-    return (
-        str(value["bit_generator"]),
-        keys.detach().cpu().numpy().astype(np.uint32),
-        int(value["pos"]),
-        int(value["has_gauss"]),
-        float(value["cached_gaussian"]),
-    )
-
-
-def _restore_cuda_rng(states: list[torch.Tensor]) -> None:
-    if not states:
-        return
-    if not torch.cuda.is_available():
-        log.warning(
-            "checkpoint carries CUDA RNG state for %d device(s) but CUDA is not available here; "
-            "CUDA randomness is not restored",
-            len(states),
-        )
-        return
-    count = torch.cuda.device_count()
-    if count != len(states):
-        log.warning(
-            "checkpoint carries CUDA RNG state for %d device(s), this process sees %d; "
-            "restoring the first %d",
-            len(states),
-            count,
-            min(count, len(states)),
-        )
-    for index, cuda_state in enumerate(states[:count]):
-        torch.cuda.set_rng_state(cuda_state.detach().cpu(), index)
-
-
-# --------------------------------------------------------------------------------------------
-# Host snapshots and the weights-only check
-# --------------------------------------------------------------------------------------------
-
-IMMUTABLE_LEAVES = (
-    type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.device
-)
-
-
-_IMMUTABLE_TYPES = frozenset(IMMUTABLE_LEAVES)
-
-
-def snapshot_to_host(obj: Any) -> Any:
-    """Deep-copy a nested dict/list/tuple structure with every tensor detached, cloned, on CPU.
-
-    The copy is independent of the originals, so training may keep mutating them while a writer
-    thread serialises the copy. CUDA tensors are copied with `non_blocking=True` and the devices
-    involved are synchronised once at the end, not once per tensor.
-    """
-    cuda_devices: set[int] = set()
-    memo: dict[int, torch.Tensor] = {}
-    result = _snapshot(obj, cuda_devices, memo)
-    for index in sorted(cuda_devices):
-        torch.cuda.synchronize(index)
-    return result
-
-
-def _snapshot(obj: Any, cuda_devices: set[int], memo: dict[int, torch.Tensor]) -> Any:
-    if isinstance(obj, torch.Tensor):
-        # The same tensor object seen twice (tied entries) stays one tensor in the copy.
-        cached = memo.get(id(obj))
-        if cached is not None:
-            return cached
-        source = obj.detach()
-        if source.device.type == "cpu":
-            copied = source.clone()
-        elif source.device.type == "cuda":
-            copied = source.to("cpu", non_blocking=True)
-            cuda_devices.add(source.device.index if source.device.index is not None else 0)
-        else:
-            copied = source.to("cpu")
-        memo[id(obj)] = copied
-        return copied
-    if isinstance(obj, IMMUTABLE_LEAVES):
-        return obj
-    if type(obj) is dict:
-        return {key: _snapshot(value, cuda_devices, memo) for key, value in obj.items()}
-    if isinstance(obj, dict):
-        # OrderedDict, defaultdict, ...: keep the type and its extra state (default_factory).
-        duplicate = copy.copy(obj)
-        for key, value in obj.items():
-            duplicate[key] = _snapshot(value, cuda_devices, memo)
-        return duplicate
-    if type(obj) is list:
-        return [_snapshot(value, cuda_devices, memo) for value in obj]
-    if type(obj) is tuple:
-        if all(type(value) in _IMMUTABLE_TYPES for value in obj):
-            return obj  # e.g. Python's RNG state: 625 ints
-        return tuple(_snapshot(value, cuda_devices, memo) for value in obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_snapshot(value, cuda_devices, memo) for value in obj))
-    return copy.deepcopy(obj)
-
 
 SAFE_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 SAFE_LEAVES = (
@@ -317,12 +151,20 @@ def _describe(value: Any) -> str:
 
 
 def write_atomically(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """`fileio.atomic_write`, with failures raised as `CheckpointError` naming `path`."""
+    """`fileio.atomic_write`, with failures raised as `CheckpointError` naming `path`.
+
+    A full disk reads "no space left on device while writing <path> (<free> free on <mount>)",
+    whatever torch made of the ENOSPC underneath.
+    """
     target = Path(path)
     try:
         return atomic_write(target, write)
     except CheckpointError:
         raise
+    except DiskFullError as exc:
+        error = CheckpointError(str(exc))
+        error.path = target
+        raise error from exc
     except Exception as exc:
         problem = "cannot create its folder" if not target.parent.is_dir() else "could not be written"
         raise CheckpointError(target, f"{problem} ({type(exc).__name__}: {exc})") from exc
@@ -412,13 +254,9 @@ def _load_weights_only(source: Path, map_location: Any, *, mmap: bool) -> Any:
         return torch.load(source, map_location=map_location, weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
         detail = _weights_only_detail(str(exc))
-        if "Unsupported global" in detail:
-            raise CheckpointError(
-                source,
-                "torch.load(weights_only=True) refused it because it stores objects that need "
-                f"full unpickling ({detail}). onthefly never loads checkpoints unsafely; if you "
-                "trust this file, allowlist the classes with torch.serialization.add_safe_globals",
-            ) from exc
+        refused = _refused_global(detail)
+        if refused is not None:
+            raise CheckpointError(source, _refusal_message(refused)) from exc
         raise CheckpointError(source, f"is corrupt or not a torch checkpoint ({detail})") from exc
     except Exception as exc:  # noqa: BLE001 - a damaged file surfaces as many types; all re-raised
         raise CheckpointError(
@@ -427,12 +265,55 @@ def _load_weights_only(source: Path, map_location: Any, *, mmap: bool) -> Any:
         ) from exc
 
 
+_GLOBAL_RE = re.compile(r"(?:GLOBAL|class)\s+([A-Za-z_][\w.]*[\w])")
+
+
+def _refused_global(detail: str) -> str | None:
+    """`global <module.name>` a weights-only refusal names, or None when `detail` is no refusal."""
+    lowered = detail.lower()
+    if "unsupported global" not in lowered and "unsupported class" not in lowered and "is blocked" not in lowered:
+        return None
+    match = _GLOBAL_RE.search(detail)
+    return f"global {match.group(1)}" if match else "a global it does not allow"
+
+
+# Modules whose globals in a pickle mean code execution, not data: never suggest allowing them.
+_DANGEROUS_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "builtins", "__builtin__", "sys", "shutil", "importlib",
+    "runpy", "pickle", "socket", "ctypes", "pty", "code", "codeop", "marshal", "webbrowser",
+    "multiprocessing", "threading", "types", "functools", "operator", "io", "pathlib", "tempfile",
+})
+
+
+def _refusal_message(refused: str) -> str:
+    name = refused.removeprefix("global ")
+    module = name.split(".", 1)[0]
+    why = (
+        "onthefly only loads checkpoints with torch.load(weights_only=True), which allows tensors "
+        "and plain Python values"
+    )
+    if module in _DANGEROUS_MODULES or "." not in name:
+        return (
+            f"holds objects onthefly will not unpickle ({refused}, which would run code when "
+            f"loaded: treat the file as malicious); {why}"
+        )
+    return (
+        f"holds objects onthefly will not unpickle ({refused}); {why}. If you wrote this file "
+        f"and trust the class, register it with torch.serialization.add_safe_globals([{name}]) "
+        "before loading"
+    )
+
+
 def _weights_only_detail(message: str) -> str:
+    """torch's refusal without its advice: never pass on "re-run with weights_only=False"."""
     text = ANSI_ESCAPE_RE.sub("", message)
     marker = "WeightsUnpickler error:"
     if marker in text:
         text = text.split(marker, 1)[1]
-        text = text.split("Check the documentation of torch.load", 1)[0]
+    else:
+        # torch's preamble about the default change ends with this sentence; the detail follows.
+        text = text.split("trusted source.", 1)[-1]
+    text = text.split("Check the documentation of torch.load", 1)[0]
     return " ".join(text.split()) or "no detail"
 
 

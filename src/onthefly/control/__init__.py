@@ -2,8 +2,9 @@
 
 Layers, bottom up: `jsonsafe` (strict JSON lines), `envelope` (requests and replies), `channels`
 (TCP, stdio, memory, off), `eventlog` (durable events), `bus` (reader → command queue, one FIFO
-writer with replay), `router` (commands and payload schemas), `gate` (the pause window) and
-`dispatch` (the thread that routes requests inline or through the gate).
+writer with replay), `names` (the safe path-component rule), `constraints` and `schema` (payload
+rules and their JSON Schema), `router` (commands and payload validation), `gate` (the pause
+window) and `dispatch` (the thread that routes requests inline or through the gate).
 """
 
 from .bus import ControlBus, events_since_page
@@ -18,6 +19,7 @@ from .channels import (
     TcpClientChannel,
     channel_from_env,
 )
+from .constraints import Length, Range, SafeName
 from .dispatch import CommandDispatcher
 from .envelope import (
     MAX_LINE_BYTES,
@@ -28,10 +30,11 @@ from .envelope import (
     reply_error,
     reply_ok,
 )
-from .errors import CommandError, ErrorCode, ProtocolError
+from .errors import CommandError, ConstraintViolation, ErrorCode, ProtocolError
 from .eventlog import EventLog
 from .gate import ConsoleAction, ControlDelegate, GateClosed, PauseGate
 from .jsonsafe import encode_line, encode_text, to_jsonable
+from .names import UnsafeName, check_safe_name
 from .router import CommandRouter, CommandSpec, validate_payload
 
 __all__ = [
@@ -43,21 +46,27 @@ __all__ = [
     "CommandRouter",
     "CommandSpec",
     "ConsoleAction",
+    "ConstraintViolation",
     "ControlBus",
     "ControlDelegate",
     "ErrorCode",
     "EventLog",
     "GateClosed",
+    "Length",
     "LineDecoder",
     "LineSink",
     "MemoryChannel",
     "NullChannel",
     "PauseGate",
     "ProtocolError",
+    "Range",
     "Request",
+    "SafeName",
     "StdioChannel",
     "TcpClientChannel",
+    "UnsafeName",
     "channel_from_env",
+    "check_safe_name",
     "debug_enabled",
     "encode_line",
     "encode_text",

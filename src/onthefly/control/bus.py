@@ -1,16 +1,23 @@
-"""The control bus: inbound lines → a bounded command queue; every outbound line → one FIFO writer.
+"""The control bus: inbound lines → a bounded command queue; outbound lines → persist, then send.
 
 Any thread may `emit` an event or `reply` to a request; that only enqueues a small dict (no
-JSON, no I/O), so it is cheap enough for the training thread. One writer thread encodes each
-batch, persists its events to the `EventLog`, and then writes the batch to the channel as one
-send, so lines never interleave and replies leave in the order they were produced with events.
+JSON, no I/O), so it is cheap enough for the training thread. Two threads take it from there:
 
-Replay: the writer keeps a cursor, the first `event_seq` the dashboard has not been sent. While
-no dashboard is connected events are only persisted; on every (re)connection the writer first
-sends the logged events from the cursor on, in order, then continues live. A failed send leaves
-the cursor at the start of the failed batch. Lines handed to a socket that then died may still
-be lost in flight; the dashboard detects the gap in `event_seq` and asks `events_since`
-(`events_since_page` below) for it, dropping anything at or below the last seq it has seen.
+- the **writer** (`onthefly-writer`) encodes each burst, appends its events to the `EventLog`
+  (one commit per burst, every `linger` seconds while events flow) and hands the lines on. It
+  never touches the socket, so the log stays complete and current even when a dashboard stops
+  reading, and a kill loses at most the last burst;
+- the **sender** (`onthefly-sender`, see `sender.py`) writes them to the channel from a bounded
+  in-memory window, reading events back from the log when it falls behind (the log is the
+  backlog), so memory stays bounded while a dashboard is stalled.
+
+One order: events leave in `event_seq` order, each reply after every event produced before it,
+whole lines that never interleave. Replay: the sender's cursor is the first `event_seq` no
+dashboard has been sent; on every (re)connection it first sends the connect announcements
+(`set_connect_announcer`), then the logged events from the cursor on, then live lines. Lines
+handed to a socket that then died may still be lost in flight; the dashboard detects the gap in
+`event_seq` and asks `events_since` (`events_since_page` below) for it, dropping anything at or
+below the last seq it has seen.
 """
 
 from __future__ import annotations
@@ -29,22 +36,26 @@ from .envelope import Request, error_event, parse_request, reply_error, reply_ok
 from .errors import ErrorCode, ProtocolError
 from .eventlog import EventLog
 from .jsonsafe import encode_text
+from .sender import Announcer, Sender
 
 __all__ = ["ControlBus", "events_since_page"]
 
 log = logging.getLogger("onthefly.control")
 
-# Kinds of items on the outbound queue (first element of each tuple).
+# Kinds of items on the outbound queue (first element of each tuple). The first three are
+# also what the writer hands the sender (see sender.py), encoded.
 _EVENT = 0  # (_EVENT, seq, event_dict)
 _REPLY = 1  # (_REPLY, reply_dict)
-_MARK = 2  # (_MARK, threading.Event): set once everything before it is handled
-_CONNECTED = 3  # (_CONNECTED,): a dashboard connected; replay what it has not seen
+_MARK = 2  # (_MARK, threading.Event, wire): set once everything before it is persisted (and sent)
 _STOP = 4  # (_STOP,): the writer exits after this batch
 
 _RESERVED_STAMPS = frozenset({"type", "ts", "event_seq"})
 _MAX_BATCH = 4096
-_REPLAY_PAGE = 2000
 _MAX_EVENTS_PAGE = 10_000
+#: Default bound on event bytes held in memory for sending (beyond it the log is the backlog).
+WINDOW_BYTES = 2 << 20
+#: Default bound on reply bytes held while a dashboard is not reading.
+REPLY_WINDOW_BYTES = 4 << 20
 
 
 def events_since_page(event_log: EventLog, after_seq: int, limit: int = 1000) -> dict:
@@ -71,8 +82,8 @@ class Outbox:
     """The writer's FIFO: appending an event never wakes the writer while it is busy.
 
     While events flow, the writer drains the outbox every `linger` seconds (one SQLite commit
-    and one send per burst) and the training thread pays only a deque append. Replies, flush
-    marks, connection changes and stops wake it at once; so does the first event after a lull.
+    per burst) and the training thread pays only a deque append. Replies, flush marks and stops
+    wake it at once; so does the first event after a lull.
     """
 
     def __init__(self) -> None:
@@ -116,7 +127,7 @@ class Outbox:
 
 
 class ControlBus:
-    """Reader side: the channel's `LineSink`. Writer side: one thread draining an outbound FIFO."""
+    """Reader side: the channel's `LineSink`. Outbound: a writer thread that persists, a sender that sends."""
 
     def __init__(
         self,
@@ -126,11 +137,16 @@ class ControlBus:
         queue_size: int = 1024,
         session_id: str | None = None,
         linger: float = 0.1,
+        window_bytes: int = WINDOW_BYTES,
+        reply_window_bytes: int = REPLY_WINDOW_BYTES,
     ) -> None:
         if not isinstance(channel, Channel):
             raise TypeError(f"channel must be an onthefly Channel, got {type(channel).__name__}")
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"queue_size must be an integer >= 1, got {queue_size!r}")
+        for label, bound in (("window_bytes", window_bytes), ("reply_window_bytes", reply_window_bytes)):
+            if isinstance(bound, bool) or not isinstance(bound, int) or bound < 0:
+                raise ValueError(f"{label} must be an integer >= 0, got {bound!r}")
         self.channel = channel
         #: How long (s) the writer lets a lone event wait for others before writing them together.
         self.linger = float(linger)
@@ -142,22 +158,28 @@ class ControlBus:
         self._seq_lock = threading.Lock()
         # Continue after anything already in a reused log, so seqs stay unique in it.
         self._next_seq = self.event_log.last_seq() + 1
-        # Writer-thread state: next seq the dashboard has not been sent; last seq handled.
-        self._cursor = self._next_seq
-        self._persisted = self._next_seq - 1
+        # Writer-thread state: the last event seq handed to it (a reply goes out after it).
+        self._last_seen = self._next_seq - 1
         self._stamps: dict[str, Any] = {} if session_id is None else {"session_id": session_id}
+        self._sender = Sender(
+            channel,
+            self.event_log,
+            first_seq=self._next_seq,
+            stamps=lambda: self._stamps,
+            window_bytes=window_bytes,
+            reply_bytes=reply_window_bytes,
+        )
         self._writer: threading.Thread | None = None
         self._started = False
         self._closed = False
         self._close_lock = threading.Lock()
-        #: Replies produced while no dashboard was connected (their requester is gone).
-        self.dropped_replies = 0
+        self._replies_after_close = 0
         #: Requests answered `busy` because the command queue was full.
         self.busy_replies = 0
         #: Events refused because the bus was already closed (each one is logged).
         self.dropped_after_close = 0
-        #: Events sent from the log on reconnection.
-        self.replayed_events = 0
+        #: Events the writer could not persist (disk full, ...); each burst is logged.
+        self.unpersisted_events = 0
 
     # ---- outbound (any thread) -------------------------------------------------------------
     def set_context(self, **stamps: Any) -> None:
@@ -173,6 +195,46 @@ class ControlBus:
     def context(self) -> dict[str, Any]:
         """A copy of the current default stamps."""
         return dict(self._stamps)
+
+    def set_connect_announcer(self, announcer: Announcer | None) -> None:
+        """Register `announcer()`, called on the sender thread at every (re)connection.
+
+        It returns a list of event dicts (`{"type": ..., **fields}`), sent before anything else
+        on that connection: before the replay of missed events and before live lines. They are
+        stamped with the current context (`run_id`, `run_gen`, `session_id`) and `ts`, carry no
+        `event_seq` and are not persisted: they are announcements (e.g. `session_started` and a
+        `newRun` per run) for a dashboard that wiped its state, not log entries. It must be
+        thread-safe and quick; if it raises, the failure is logged and the stream goes on.
+        """
+        if announcer is not None and not callable(announcer):
+            raise TypeError(f"announcer must be callable or None, got {type(announcer).__name__}")
+        self._sender.announcer = announcer
+
+    # ---- counters ------------------------------------------------------------------------------
+    @property
+    def dropped_replies(self) -> int:
+        """Replies with nobody to go to: no dashboard, a lost connection, the bound, or after close."""
+        return self._sender.dropped_replies + self._replies_after_close
+
+    @property
+    def replayed_events(self) -> int:
+        """Events sent from the log rather than from memory (reconnections and catching up)."""
+        return self._sender.replayed_events
+
+    @property
+    def announced_events(self) -> int:
+        """Connect announcements sent, over all connections."""
+        return self._sender.announced_events
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of outbound lines held in memory for the sender right now (bounded)."""
+        return self._sender.buffered_bytes
+
+    @property
+    def sent_seq(self) -> int:
+        """The last `event_seq` handed to a dashboard connection."""
+        return self._sender.sent_seq
 
     def emit(self, type: str, fields: dict | None = None) -> int:
         """Queue the event `{"type": type, **fields}` with stamps, `ts` and `event_seq`; returns the seq.
@@ -218,7 +280,7 @@ class ControlBus:
 
     def _put_reply(self, reply: dict) -> None:
         if self._closed:
-            self.dropped_replies += 1
+            self._replies_after_close += 1
             log.warning("onthefly: reply to %r produced after the control bus closed; dropped", reply["id"])
             return
         self._out.put((_REPLY, reply), urgent=True)
@@ -246,9 +308,8 @@ class ControlBus:
         self.reply_error(None, error.code, error.message)
 
     def connection_changed(self, connected: bool) -> None:
-        """On connect, wake the writer so it replays what the dashboard has not seen."""
-        if connected and not self._closed:
-            self._out.put((_CONNECTED,), urgent=True)
+        """Wake the sender: on connect it announces and replays what the dashboard has not seen."""
+        self._sender.wake()
 
     def next_request(self, timeout: float | None = None) -> Request | None:
         """The next queued request, or None if none arrives within `timeout` seconds."""
@@ -280,6 +341,7 @@ class ControlBus:
             if self._started:
                 return
             self._started = True
+            self._sender.start()
             self._writer = threading.Thread(target=self._write_loop, name="onthefly-writer", daemon=True)
             self._writer.start()
             # atexit runs while daemon threads still live: flush, then close the channel (defect 7).
@@ -294,39 +356,49 @@ class ControlBus:
         """The last `event_seq` handed out (0 before the first event)."""
         return self._next_seq - 1
 
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued so far is persisted and, if connected, written out."""
+    def flush(self, timeout: float = 5.0, *, wire: bool = True) -> bool:
+        """Wait until everything queued so far is persisted and, if connected, written out.
+
+        `wire=False` waits for the event log only: it returns within about one commit even when
+        a dashboard has stopped reading (use it before reading `events.db`, e.g. for a bundle).
+        """
         writer = self._writer
         if writer is None or not writer.is_alive():
             return self._out.empty()
         done = threading.Event()
-        self._out.put((_MARK, done), urgent=True)
+        self._out.put((_MARK, done, wire), urgent=True)
         return done.wait(timeout)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Flush (bounded by `timeout`), stop the writer, then close the channel. Idempotent."""
+        """Flush (bounded by `timeout`), stop both threads, then close the channel. Idempotent."""
         with self._close_lock:
             if self._closed:
                 return
             deadline = time.monotonic() + timeout
             writer = self._writer
             if writer is not None and writer.is_alive():
-                if not self.flush(timeout):
+                # The log first (it never waits on the socket), then whatever time is left for
+                # the dashboard to read the rest.
+                delivered = self.flush(timeout, wire=False) and self.flush(
+                    max(0.0, deadline - time.monotonic())
+                )
+                if not delivered:
                     log.warning("onthefly: control bus flush did not finish within %.1f s", timeout)
             with self._seq_lock:
                 self._closed = True
             if writer is not None and writer.is_alive():
                 self._out.put((_STOP,), urgent=True)
-                writer.join(max(0.0, deadline - time.monotonic()))
+                # Persisting what is queued is never given up for a deadline shorter than a second.
+                writer.join(max(1.0, deadline - time.monotonic()))
+            self._sender.stop()
+            self._sender.join(min(0.2, max(0.0, deadline - time.monotonic())))
+            # Closing the channel unblocks a send to a dashboard that stopped reading.
             self.channel.close(timeout=max(0.5, min(2.0, deadline - time.monotonic())))
             writer_done = writer is None or not writer.is_alive()
-            if writer is not None and not writer_done:
-                # The channel is closed now, which unblocks a stuck send; give it a moment.
-                writer.join(0.5)
-                writer_done = not writer.is_alive()
-            if not writer_done:
-                log.warning("onthefly: the writer thread did not stop; some lines may be unsent")
-            if self._owns_log and writer_done:
+            sender_done = self._sender.join(0.5)
+            if not (writer_done and sender_done):
+                log.warning("onthefly: the writer or sender thread did not stop; some lines may be unsent")
+            if self._owns_log and writer_done and sender_done:
                 self.event_log.close()
         atexit.unregister(self._close_at_exit)
 
@@ -346,69 +418,49 @@ class ControlBus:
                 self._write_batch(batch)
             except Exception:  # the writer must outlive any one batch; the traceback is logged
                 log.exception("onthefly: the control bus writer failed on a batch of %d items", len(batch))
-            finally:
                 for item in batch:
                     if item[0] == _MARK:
-                        item[1].set()
+                        item[1].set()  # nobody may wait forever on a batch that failed
             if any(item[0] == _STOP for item in batch):
                 return
 
     def _write_batch(self, batch: list[tuple]) -> None:
+        """Encode, persist the events (one commit), then hand everything to the sender in order."""
         rows: list[tuple[int, str, str]] = []
-        lines: list[str] = []
-        replies = 0
+        lines: list[tuple] = []
+        local_marks: list[threading.Event] = []
+        last = self._last_seen
         for item in batch:
             kind = item[0]
             if kind == _EVENT:
                 text = encode_text(item[2])
                 rows.append((item[1], item[2]["type"], text))
-                lines.append(text)
+                lines.append((_EVENT, item[1], text))
+                last = item[1]
             elif kind == _REPLY:
-                lines.append(encode_text(item[1]))
-                replies += 1
-        already_persisted = self._persisted
+                lines.append((_REPLY, last, encode_text(item[1])))
+            elif kind == _MARK:
+                if item[2]:
+                    lines.append((_MARK, last, item[1]))
+                else:
+                    local_marks.append(item[1])
         if rows:
             self._persist(rows)
-            self._persisted = rows[-1][0]
-        if not self.channel.connected:
-            self.dropped_replies += replies
-            return
-        if not self._replay(already_persisted):
-            self.dropped_replies += replies
-            return
-        if not lines:
-            return
-        lines.append("")  # every line ends with "\n"
-        if self.channel.send("\n".join(lines).encode("utf-8")):
-            if rows:
-                self._cursor = rows[-1][0] + 1
-        else:
-            self.dropped_replies += replies  # the cursor stays at this batch's first event
+        self._last_seen = last
+        self._sender.push(lines, last)
+        for mark in local_marks:
+            mark.set()
 
     def _persist(self, rows: list[tuple[int, str, str]]) -> None:
         try:
             self.event_log.append_many(rows)
         except Exception as exc:  # a full disk must not stop the wire; the loss is reported
+            self.unpersisted_events += len(rows)
             log.error(
-                "onthefly: could not persist events %d..%d (%s: %s); they go out live only and "
-                "cannot be replayed",
+                "onthefly: could not persist events %d..%d (%s: %s); they go out live only if the "
+                "dashboard is reading, and cannot be replayed",
                 rows[0][0],
                 rows[-1][0],
                 type(exc).__name__,
                 exc,
             )
-
-    def _replay(self, upto: int) -> bool:
-        """Send logged events from the cursor through `upto`; False if a send failed."""
-        while self._cursor <= upto:
-            page = self.event_log.read_after(self._cursor - 1, _REPLAY_PAGE)
-            page = [row for row in page if row[0] <= upto]
-            if not page:  # only unpersisted holes remain below `upto`
-                self._cursor = upto + 1
-                return True
-            data = ("\n".join(body for _, body in page) + "\n").encode("utf-8")
-            if not self.channel.send(data):
-                return False
-            self._cursor = page[-1][0] + 1
-            self.replayed_events += len(page)
-        return True

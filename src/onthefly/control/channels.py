@@ -206,6 +206,15 @@ class Channel(ABC):
     def connected(self) -> bool:
         """Whether a dashboard is attached right now."""
 
+    @property
+    def connection_id(self) -> int:
+        """Which connection this is: a number that changes with every new dashboard connection.
+
+        The sender compares it to know when to announce and to drop replies meant for a
+        connection that is gone. Transports that reconnect must override it.
+        """
+        return 1 if self.connected else 0
+
     @abstractmethod
     def close(self, timeout: float = 2.0) -> None:
         """Stop, letting the peer read what was sent (graceful shutdown)."""
@@ -306,6 +315,10 @@ class TcpClientChannel(Channel):
     @property
     def address(self) -> str:
         return f"tcp://{self.host}:{self.port}"
+
+    @property
+    def connection_id(self) -> int:
+        return self.connections
 
     @property
     def connected(self) -> bool:
@@ -575,10 +588,16 @@ class MemoryChannel(Channel):
         self._inject_lock = threading.Lock()
         self._outbound = LineDecoder()
         self._fail_sends = 0
+        #: How many times `connect()` attached a dashboard.
+        self.connections = 0
 
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def connection_id(self) -> int:
+        return self.connections
 
     def start(self, sink: LineSink) -> None:
         self._sink = sink
@@ -588,6 +607,7 @@ class MemoryChannel(Channel):
             if self._connected:
                 return
             self._connected = True
+            self.connections += 1
             self._outbound.reset()
         _notify_connection(self._sink, True)
 

@@ -38,6 +38,15 @@ class ProtocolError(Exception):
         return f"ProtocolError({self.code!r}, {self.message!r})"
 
 
+class ConstraintViolation(ProtocolError):
+    """A value of the right type that breaks a rule on its field (`bad_payload`, naming the path)."""
+
+    def __init__(self, path: str, rule: str) -> None:
+        super().__init__(ErrorCode.BAD_PAYLOAD, f"{path}: {rule}")
+        self.path = path
+        self.rule = rule
+
+
 class CommandError(ProtocolError):
     """Raised by a command handler to fail with a specific code (default `failed`)."""
 

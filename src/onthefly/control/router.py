@@ -2,21 +2,25 @@
 
 Payloads are validated here, in one place, against a dataclass, so every command reports a bad
 payload the same way: `bad_payload` naming the field path, what was expected and what was got
-(`payload.selection.ids[3]: expected int, got str`). Handler failures become `failed`.
+(`payload.selection.ids[3]: expected int, got str`), or the rule a value broke (`payload.lr:
+must be > 0, got -1.0`; see `constraints` for `Range`, `Length`, `SafeName` and the defaults
+every payload obeys). Handler failures become `failed`. `describe()` publishes every command's
+payload as JSON Schema, for fuzzers and agents.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Union
 
+from .constraints import ConstraintViolation, Length, Range, SafeName, check_json_numbers, check_number, is_constraint
 from .envelope import Request, json_type_name
 from .errors import ErrorCode, ProtocolError
+from .schema import JSON_SCHEMA_DIALECT, payload_fields, payload_json_schema
 
 __all__ = ["CommandRouter", "CommandSpec", "validate_payload"]
 
@@ -90,6 +94,7 @@ class CommandRouter:
         try:
             spec = self.spec(request.cmd)
             if spec.schema is None:
+                check_json_numbers(request.payload, "payload")
                 return spec, dict(request.payload)
             return spec, validate_payload(spec.schema, request.payload)
         except ProtocolError as exc:
@@ -111,6 +116,25 @@ class CommandRouter:
         """Registered command names, sorted."""
         return sorted(self._specs)
 
+    def describe(self) -> dict[str, dict[str, Any]]:
+        """Every command: `{description, mutating, payload}`, `payload` being its JSON Schema.
+
+        The schema carries what validation enforces: types, `required`, `default`s, `enum`s
+        (from `Literal`), `x-aliases`, numeric bounds, lengths and the safe-name `pattern`.
+        """
+        return {
+            name: {
+                "description": spec.description,
+                "mutating": spec.mutating,
+                "payload": payload_json_schema(spec.schema),
+            }
+            for name, spec in sorted(self._specs.items())
+        }
+
+    def json_schema(self) -> dict[str, Any]:
+        """`describe()` as one JSON Schema document: `{"$schema", "commands": {name: ...}}`."""
+        return {"$schema": JSON_SCHEMA_DIALECT, "commands": self.describe()}
+
     def __contains__(self, name: object) -> bool:
         return name in self._specs
 
@@ -126,10 +150,22 @@ def validate_payload(schema: type, payload: Mapping[str, Any]) -> Any:
 
     Required fields (no default) must be present; unknown keys are ignored; a field's
     `metadata={"aliases": (...)}` names keys that fill it when the canonical key is absent.
-    A `ValueError` raised by the schema's `__post_init__` is reported as `bad_payload` too.
+    `Annotated` constraints are checked after conversion, and every float must be finite and
+    every int fit in int64. A `ValueError`, `TypeError`, `OverflowError` or `IndexError` raised
+    by the schema's `__post_init__` is reported as `bad_payload` too: validation never lets an
+    internal exception out for a value that came from the wire.
     """
     check_schema(schema)
-    return _build(schema, payload, "payload")
+    try:
+        return _build(schema, payload, "payload")
+    except RecursionError:
+        raise ProtocolError(ErrorCode.BAD_PAYLOAD, "payload: nested too deeply") from None
+    except ProtocolError:
+        raise
+    except (OverflowError, TypeError, IndexError, ValueError) as exc:  # last line of defence
+        raise ProtocolError(
+            ErrorCode.BAD_PAYLOAD, f"payload: could not be validated ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def check_schema(schema: type) -> None:
@@ -146,17 +182,8 @@ _CHECKED: set[type] = set()
 
 def _check_fields(schema: type, seen: set[type]) -> None:
     seen.add(schema)  # a schema may refer to itself (a tree); check each one once
-    for name, hint in _fields(schema):
+    for name, hint in payload_fields(schema):
         _check_annotation(hint, f"{schema.__name__}.{name}", seen)
-
-
-@functools.lru_cache(maxsize=None)
-def _fields(schema: type) -> tuple[tuple[str, Any], ...]:
-    try:
-        hints = typing.get_type_hints(schema, include_extras=True)
-    except (NameError, TypeError) as exc:
-        raise TypeError(f"cannot resolve the annotations of payload schema {schema.__name__}: {exc}") from exc
-    return tuple((f.name, hints[f.name]) for f in dataclasses.fields(schema) if f.init)
 
 
 def _check_annotation(hint: Any, where: str, seen: set[type]) -> None:
@@ -170,6 +197,9 @@ def _check_annotation(hint: Any, where: str, seen: set[type]) -> None:
     args = typing.get_args(hint)
     if origin is _Annotated:
         _check_annotation(args[0], where, seen)
+        for meta in hint.__metadata__:
+            if is_constraint(meta):
+                _check_constraint_target(meta, args[0], where)
     elif origin is Literal:
         return
     elif origin in (Union, types.UnionType) or origin in (list, tuple):
@@ -185,12 +215,36 @@ def _check_annotation(hint: Any, where: str, seen: set[type]) -> None:
         raise TypeError(f"{where}: unsupported annotation {hint!r} in a payload schema")
 
 
+def _check_constraint_target(meta: Any, hint: Any, where: str) -> None:
+    """A constraint must sit on a type it can check (`Range` on numbers, ...); `TypeError` if not."""
+    bases = _non_null_arms(hint)
+    if isinstance(meta, Range):
+        wanted, ok = "int or float", all(base in (int, float) for base in bases)
+    elif isinstance(meta, Length):
+        wanted = "str, list, tuple or dict"
+        ok = all(base in (str, list, tuple, dict) or typing.get_origin(base) in (list, tuple, dict) for base in bases)
+    else:  # SafeName
+        wanted, ok = "str", all(base is str for base in bases)
+    if not ok:
+        name = type(meta).__name__ if meta is not SafeName else "SafeName"
+        raise TypeError(f"{where}: {name} applies to {wanted}, not {hint!r}")
+
+
+def _non_null_arms(hint: Any) -> list[Any]:
+    """The non-None types of an annotation (`Optional[int | float]` → [int, float])."""
+    if typing.get_origin(hint) is _Annotated:
+        return _non_null_arms(typing.get_args(hint)[0])
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return [arm for arg in typing.get_args(hint) for arm in _non_null_arms(arg)]
+    return [] if hint is _NoneType or hint is None else [hint]
+
+
 def _build(schema: type, payload: Any, path: str) -> Any:
     if not isinstance(payload, Mapping):
         raise _bad(path, f"object ({schema.__name__})", payload)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     values: dict[str, Any] = {}
-    for name, hint in _fields(schema):
+    for name, hint in payload_fields(schema):
         field = fields[name]
         key = name
         if key not in payload:
@@ -203,13 +257,16 @@ def _build(schema: type, payload: Any, path: str) -> Any:
             raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"{path}.{name}: required field is missing{also}")
     try:
         return schema(**values)
-    except ValueError as exc:
+    except ProtocolError:
+        raise
+    except (ValueError, TypeError, OverflowError, IndexError) as exc:  # a schema's own __post_init__ check
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"{path}: {exc}") from exc
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
     """`value` checked (and, for float/tuple/dataclass, converted) against `hint`."""
     if hint is Any:
+        check_json_numbers(value, path)
         return value
     if hint is _NoneType or hint is None:
         if value is None:
@@ -221,16 +278,18 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         raise _bad(path, "bool", value)
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            check_number(value, path)
             return value
         raise _bad(path, "int", value)
     if hint is float:
         if isinstance(value, float):
+            check_number(value, path)
             return value
         if isinstance(value, int) and not isinstance(value, bool):
             try:
                 return float(value)
             except OverflowError:
-                raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"{path}: {value} is too large for a float") from None
+                raise ConstraintViolation(path, "must be a finite number; this integer is too large for a float") from None
         raise _bad(path, "float", value)
     if hint is str:
         if isinstance(value, str):
@@ -238,14 +297,17 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         raise _bad(path, "str", value)
     if hint is dict:
         if isinstance(value, dict):
+            check_json_numbers(value, path)
             return value
         raise _bad(path, "object", value)
     if hint is list:
         if isinstance(value, list):
+            check_json_numbers(value, path)
             return value
         raise _bad(path, "array", value)
     if hint is tuple:
         if isinstance(value, (list, tuple)):
+            check_json_numbers(value, path)
             return tuple(value)
         raise _bad(path, "array", value)
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
@@ -253,7 +315,12 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin is _Annotated:
-        return _convert(args[0], value, path)
+        converted = _convert(args[0], value, path)
+        if converted is not None:
+            for meta in hint.__metadata__:
+                if is_constraint(meta):
+                    meta.check(converted, path)
+        return converted
     if origin is Literal:
         if any(value == option and type(value) is type(option) for option in args):
             return value
@@ -283,12 +350,18 @@ def _convert_union(hint: Any, args: tuple, value: Any, path: str) -> Any:
         if value is None:
             raise _bad(path, describe(hint), value)
         return _convert(arms[0], value, path)
-    # Try exact-type arms first so `int | float` keeps an int an int.
+    # Try arms in order so `int | float` keeps an int an int. A value of an arm's type that
+    # breaks the arm's constraint is reported as that violation, not as a type mismatch.
+    violation: ConstraintViolation | None = None
     for arm in arms:
         try:
             return _convert(arm, value, path)
+        except ConstraintViolation as exc:
+            violation = violation or exc
         except ProtocolError:
             continue
+    if violation is not None:
+        raise violation
     raise _bad(path, describe(hint), value)
 
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .storage import safe_component
+
 DATA_ORDER_POLICIES = ("user", "epoch_reseed", "fixed_order")
 TRANSPORTS = ("tcp", "stdio", "off", "memory")
 SCHEDULER_INTERVALS = ("epoch", "step")
@@ -52,6 +54,8 @@ class SessionConfig:
             raise ConfigError(f"project must be a non-empty string, got {self.project!r}")
         if not isinstance(self.run_name, str) or not self.run_name.strip():
             raise ConfigError(f"run_name must be a non-empty string, got {self.run_name!r}")
+        # The run name is the run's id and folder name: a configured "my run" becomes "my-run".
+        self.run_name = safe_component(self.run_name)
         if self.data_order_policy not in DATA_ORDER_POLICIES:
             raise ConfigError(
                 f"data_order_policy must be one of {DATA_ORDER_POLICIES}, got {self.data_order_policy!r}"
