@@ -121,7 +121,8 @@ def run_seed(seed: int, epochs: int, with_cv: bool) -> dict[str, dict[str, float
         hit = flipped[c.flagged].sum()
         out["cut-off: " + name] = {"flagged": float(len(c.flagged)),
                                    "precision": float(hit / max(len(c.flagged), 1)),
-                                   "recall": float(hit / k), "noise_rate": c.noise_rate}
+                                   "recall": float(hit / k), "noise_rate": c.noise_rate,
+                                   "separation": float(c.meta.get("separation", np.nan))}
     out["_"] = {"k": float(k), "n": float(len(y)), "best_epoch": float(best + 1)}
     return out
 
@@ -149,14 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:46} {np.mean(pk):9.3f} {' '.join(f'{v:.3f}' for v in pk):>22} {np.mean(au):7.3f}")
     if not args.quick:
         print("early-stopping epochs: " + ", ".join(str(int(r['_']['best_epoch'])) for r in results))
-    print(f"\n{'suggested cut-off (no k given)':46} {'flagged':>8} {'precision':>10} {'recall':>7} {'est. noise':>11}")
+    print(f"\n{'suggested cut-off (no k given)':46} {'flagged':>8} {'precision':>10} {'recall':>7} {'est. noise':>11}"
+          f" {'separation':>11}")
     for name in results[0]:
         if not name.startswith("cut-off"):
             continue
         rows = [r[name] for r in results]
         print(f"{name[9:]:46} {np.mean([r['flagged'] for r in rows]):8.1f} "
               f"{np.mean([r['precision'] for r in rows]):10.3f} {np.mean([r['recall'] for r in rows]):7.3f} "
-              f"{np.mean([r['noise_rate'] for r in rows]):11.3f}")
+              f"{np.mean([r['noise_rate'] for r in rows]):11.3f} {np.mean([r['separation'] for r in rows]):11.2f}")
     print(f"(true noise rate {info['k'] / info['n']:.3f}; {time.perf_counter() - started:.0f} s)")
     dyn = [r["dynamics: mislabel (= mean loss)"]["P@k"] for r in results]
     if not args.quick:

@@ -12,6 +12,10 @@ from typing import Any
 import numpy as np
 
 CL_FLAG_RULES = ("prune_by_noise_rate", "off_diagonal")
+# Ashman's D below this: the two fitted components overlap too much to be told apart.
+MIN_SEPARATION = 2.0
+# BIC(one Gaussian) - BIC(two) below this: the data do not support a second population.
+MIN_BIC_GAIN = 10.0
 
 
 class CutoffError(ValueError):
@@ -26,7 +30,9 @@ class CutoffResult:
     estimated fraction of samples with a wrong label / in the high-score population (a model
     estimate, not `len(flagged) / n`). `threshold`: the score above which samples are flagged
     (mixture); `class_thresholds`: per-class probability thresholds (confident learning).
-    `rule` says in words what was done; `meta` holds the fitted quantities.
+    `rule` says in words what was done; `meta` holds the fitted quantities. `warning` is set
+    when the fit itself says the cut-off is not to be trusted (e.g. the mixture's components
+    overlap: the scores are not bimodal).
     """
 
     method: str
@@ -36,6 +42,7 @@ class CutoffResult:
     threshold: float | None = None
     class_thresholds: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    warning: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (non-finite numbers become None)."""
@@ -50,6 +57,7 @@ class CutoffResult:
             "threshold": num(self.threshold),
             "class_thresholds": None if self.class_thresholds is None else [num(t) for t in self.class_thresholds],
             "rule": self.rule,
+            "warning": self.warning,
             "meta": self.meta,
         }
 
@@ -160,19 +168,23 @@ def _normal_logpdf(x: np.ndarray, mean: float, var: float) -> np.ndarray:
     return -0.5 * (np.log(2 * np.pi * var) + (x - mean) ** 2 / var)
 
 
-def _fit_two_gaussians(x: np.ndarray, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """EM for a 1-D mixture of two Gaussians, started deterministically at the 25th/75th percentiles."""
-    spread = float(x.var())
-    floor = max(spread * 1e-6, 1e-12)
-    means = np.array([np.percentile(x, 25), np.percentile(x, 75)], dtype=np.float64)
-    variances = np.full(2, max(spread / 4, floor))
-    weights = np.array([0.5, 0.5])
+# EM starts: the high component initialised as the top fraction of the scores, for each of these.
+_START_FRACTIONS = (0.5, 0.25, 0.1, 0.05)
+
+
+def _em_two_gaussians(x: np.ndarray, weights: np.ndarray, means: np.ndarray, variances: np.ndarray,
+                      floor: float, max_iter: int, tol: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
     previous = -np.inf
+    likelihood = -np.inf
     it = 0
     for it in range(1, max_iter + 1):
         log_joint = np.stack([np.log(weights[k]) + _normal_logpdf(x, means[k], variances[k]) for k in range(2)])
         top = log_joint.max(axis=0)
         log_norm = top + np.log(np.exp(log_joint - top).sum(axis=0))
+        likelihood = float(log_norm.mean())
+        if likelihood - previous < tol:
+            break
+        previous = likelihood
         resp = np.exp(log_joint - log_norm)
         mass = resp.sum(axis=1)
         if (mass < 1e-9 * len(x)).any():
@@ -180,12 +192,32 @@ def _fit_two_gaussians(x: np.ndarray, max_iter: int, tol: float) -> tuple[np.nda
         weights = mass / len(x)
         means = (resp * x).sum(axis=1) / mass
         variances = np.maximum((resp * (x - means[:, None]) ** 2).sum(axis=1) / mass, floor)
-        likelihood = float(log_norm.mean())
-        if likelihood - previous < tol:
-            break
-        previous = likelihood
-    return weights, means, variances, it
+    return weights, means, variances, it, likelihood
 
+
+def _fit_two_gaussians(
+    x: np.ndarray, max_iter: int, tol: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, float]:
+    """EM for a 1-D mixture of two Gaussians: the best (highest likelihood) of a few deterministic
+    starts, each splitting the scores at a quantile (a single start often settles on modelling
+    the skew of the majority instead of a small second population)."""
+    floor = max(float(x.var()) * 1e-6, 1e-12)
+    best: tuple[np.ndarray, np.ndarray, np.ndarray, int, float] | None = None
+    for fraction in _START_FRACTIONS:
+        cut = np.quantile(x, 1.0 - fraction)
+        high = x > cut
+        if high.sum() < 2 or (~high).sum() < 2:
+            continue
+        parts = (x[~high], x[high])
+        fit = _em_two_gaussians(
+            x, np.array([p.size / x.size for p in parts]), np.array([p.mean() for p in parts]),
+            np.array([max(float(p.var()), floor) for p in parts]), floor, max_iter, tol,
+        )
+        if best is None or fit[4] > best[4] + 1e-12:
+            best = fit
+    if best is None:
+        raise CutoffError("the scores take too few distinct values to fit two components")
+    return best
 
 def _crossing(weights: np.ndarray, means: np.ndarray, variances: np.ndarray, lo: int, hi: int) -> float:
     """The score between the two means where both components are equally likely."""
@@ -216,7 +248,10 @@ def mixture_cutoff(
     Rule: EM on the finite scores (on `log(score)` with `log=True`, for positive scores such as
     losses); the threshold is where the two components are equally likely, between their means;
     samples at or above it are flagged. The noise rate is the weight of the high component.
-    Non-finite scores are left out of the fit; +inf is flagged, NaN never.
+    Non-finite scores are left out of the fit; +inf is flagged, NaN never. `meta["separation"]`
+    is Ashman's D of the two components and `meta["bic_gain"]` how much better two components
+    explain the scores than one (BIC difference); when D < 2 or the gain is < 10 the scores are
+    not clearly bimodal and `warning` says so.
 
     Assumptions: the samples form two populations (clean, suspect) whose scores are each roughly
     normal (after the log), and the suspect one scores higher.
@@ -231,11 +266,19 @@ def mixture_cutoff(
         x = np.log(x)
     if x.size < 4 or np.ptp(x) <= 0:
         raise CutoffError(f"need at least 4 finite, not all equal scores to fit a mixture (got {x.size})")
-    weights, means, variances, iterations = _fit_two_gaussians(x, max_iter, tol)
+    weights, means, variances, iterations, likelihood = _fit_two_gaussians(x, max_iter, tol)
+    one = float(_normal_logpdf(x, float(x.mean()), max(float(x.var()), 1e-12)).mean())
+    bic_gain = float(x.size * 2 * (likelihood - one) - 3 * np.log(x.size))  # 5 parameters against 2
     lo, hi = (0, 1) if means[0] <= means[1] else (1, 0)
     cut = _crossing(weights, means, variances, lo, hi)
     threshold = float(np.exp(cut)) if log else cut
     picked = (s >= threshold) & ~np.isnan(s)
+    separation = float(np.sqrt(2.0) * abs(means[hi] - means[lo]) / np.sqrt(variances[lo] + variances[hi]))
+    warning = None
+    if separation < MIN_SEPARATION or bic_gain < MIN_BIC_GAIN:
+        warning = (f"the scores are not clearly bimodal (Ashman's D = {separation:.2f}, needs >= "
+                   f"{MIN_SEPARATION:g}; BIC gain of a second component {bic_gain:.1f}, needs >= {MIN_BIC_GAIN:g}): "
+                   "the flagged set is unreliable")
     return CutoffResult(
         method="mixture" + ("/log" if log else ""),
         flagged=np.sort(names[picked]),
@@ -245,7 +288,9 @@ def mixture_cutoff(
         threshold=threshold,
         meta={"weights": weights[[lo, hi]].tolist(), "means": means[[lo, hi]].tolist(),
               "stds": np.sqrt(variances[[lo, hi]]).tolist(), "iterations": iterations,
-              "left_out_non_finite": int((~finite).sum()), "samples": int(len(s))},
+              "left_out_non_finite": int((~finite).sum()), "samples": int(len(s)), "separation": separation,
+              "bic_gain": bic_gain},
+        warning=warning,
     )
 
 
