@@ -30,7 +30,7 @@ HARDER_WHEN_HIGHER: dict[str, bool] = {
 }
 METRICS = tuple(HARDER_WHEN_HIGHER)
 CLASSIFICATION_METRICS = ("confidence", "variability", "correctness", "forgetting", "aum")
-_CHUNK_VALUES = 1 << 22  # values of one column read at a time (records × samples)
+_CHUNK_VALUES = 1 << 20  # values of one column read at a time (records × samples)
 
 
 @dataclass
@@ -141,18 +141,14 @@ def summarize_dynamics(recorder: DynamicsRecorder, records: Any = None) -> Dynam
             out[name] = np.empty(n, np.float32)
         out["forgetting"] = np.empty(n, np.int32)
         out["never_learned"] = np.empty(n, bool)
-    hist = {c: recorder.history(c) for c in (("loss", "p_true", "margin", "correct") if classification else ("loss",))}
-    rows = np.asarray(chosen)
-    contiguous = bool(np.all(np.diff(rows) == 1))
+    rows = list(chosen)
     step = max(1, _CHUNK_VALUES // len(rows))
     with np.errstate(invalid="ignore", divide="ignore"):
         for a in range(0, n, step):
             b = min(n, a + step)
 
             def block(col: str) -> np.ndarray:
-                h = hist[col]
-                part = h[rows[0]:rows[-1] + 1, a:b] if contiguous else h[rows][:, a:b]
-                return np.asarray(part, dtype=np.float64)
+                return recorder.read_block(col, rows, a, b).astype(np.float64)
 
             loss = block("loss")
             out["loss"][a:b] = loss[-1]

@@ -117,6 +117,34 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
 
 
+class _BlockWriter:
+    """Writes one record's block of one column: sequentially through a file handle when the
+    scan visited samples in index order, else scattered through a memory map of the block."""
+
+    def __init__(self, path: Path, dtype: np.dtype, number: int, n: int, sequential: bool) -> None:
+        self.dtype = dtype
+        self._file = open(path, "r+b" if path.exists() else "w+b")
+        self._file.truncate((number + 1) * n * dtype.itemsize)  # drops any uncommitted tail first
+        self._map: np.memmap | None = None
+        if sequential:
+            self._file.seek(number * n * dtype.itemsize)
+        else:
+            self._map = np.memmap(path, dtype=dtype, mode="r+", offset=number * n * dtype.itemsize, shape=(n,))
+
+    def put(self, pos: Any, values: np.ndarray) -> None:
+        if self._map is None:
+            self._file.write(np.ascontiguousarray(values, dtype=self.dtype).tobytes())
+        else:
+            self._map[pos] = values.astype(self.dtype)
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.flush()
+            self._map = None
+        self._file.flush()
+        self._file.close()
+
+
 class DynamicsRecorder:
     """Per-sample training dynamics, recorded into `folder` and reloaded from it.
 
@@ -307,23 +335,27 @@ class DynamicsRecorder:
                                 device=device, amp=amp, amp_dtype=amp_dtype, seed=seed, num_workers=num_workers,
                                 mirror=mirror_train_semantics, cache=cache, progress=progress, cancel=cancel)
 
-    def _planned_indices(self, data: Any) -> np.ndarray | None:
+    def _check_planned_samples(self, data: Any) -> None:
+        """Refuse, before scanning, a record that would visit other samples than the first one."""
+        if self._indices is None:
+            return
         try:
             planned = dataset_indices_of(data)
         except TypeError:
-            return None  # an iterable-style dataset: known once read
-        if self._indices is not None and not np.array_equal(np.sort(planned), self._indices):
+            return  # an iterable-style dataset: checked once read
+        same = len(planned) == len(self._indices) and (
+            np.array_equal(planned, self._indices) or np.array_equal(np.sort(planned), self._indices))
+        if not same:
             raise DynamicsError(
                 f"this record would visit {len(planned)} samples, not the {len(self._indices)} of the "
                 f"first record in {self.folder}; record another subset in another folder"
             )
-        return planned
 
     def _record(self, model: Any, data: Any, loss_fn: Callable[..., Any], *, step: int, epoch: int | None,
                 tag: str | None, batch_size: int | None, device: Any, amp: bool, amp_dtype: Any, seed: int,
                 num_workers: int, mirror: bool, cache: CallCache | None,
                 progress: Any, cancel: Any) -> DynamicsRecord:
-        planned = self._planned_indices(data)
+        self._check_planned_samples(data)
         call_cache = cache_for(model, cache)
         task = self._task
         extra = {"forward": 0, "method": None}
@@ -368,61 +400,82 @@ class DynamicsRecorder:
             values.close()
             roots.close()
 
+    def _order(self, roots: Any, first: bool) -> tuple[np.ndarray, bool]:
+        """(indices, in_order): the record's root indices, ascending, and whether the scan visited
+        them in that order (then blocks are written sequentially, without a memory map)."""
+        expected = self._indices
+        in_order = True
+        parts: list[np.ndarray] = []
+        count = 0
+        last = -1
+        for chunk in roots.iter_chunks():
+            c = np.asarray(chunk, dtype=np.int64)
+            if first:
+                parts.append(c)
+                if in_order and c.size and (c[0] <= last or (c.size > 1 and bool(np.any(np.diff(c) <= 0)))):
+                    in_order = False
+            elif in_order and (count + c.size > len(expected) or not np.array_equal(c, expected[count:count + c.size])):
+                in_order = False
+            last = int(c[-1]) if c.size else last
+            count += c.size
+        if first:
+            visited = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+            if in_order:
+                return visited, True
+            order = np.sort(visited)
+            if order.size > 1 and bool(np.any(np.diff(order) == 0)):
+                raise DynamicsError("the scan visited a sample twice; cannot index the record by sample")
+            return order, False
+        if in_order and count == len(expected):
+            return expected, True
+        if count != len(expected) or not np.array_equal(np.sort(roots.to_numpy()), expected):
+            raise DynamicsError(f"this record visited {count} samples, not the {len(expected)} "
+                                f"of the first record in {self.folder}")
+        return expected, False
+
     def _append(self, values: Any, roots: Any, task: TaskSpec, *, step: int,
                 epoch: int | None, tag: str | None, elapsed: float, non_finite: int, extra_forward: int,
                 method: str | None) -> DynamicsRecord:
         first = not self._records
-        root_arr = roots.to_numpy()
-        if first:
-            order = np.sort(np.asarray(root_arr, dtype=np.int64))
-            if len(np.unique(order)) != len(order):
-                raise DynamicsError("the scan visited a sample twice; cannot index the record by sample")
-            indices = order
-        else:
-            indices = self._indices
-            if len(root_arr) != len(indices) or not np.array_equal(np.sort(root_arr), indices):
-                raise DynamicsError(f"this record visited {len(root_arr)} samples, not the {len(indices)} "
-                                    f"of the first record in {self.folder}")
+        indices, in_order = self._order(roots, first)
         n = len(indices)
         columns = COLUMNS if task.is_classification else ("loss",)
         dtypes = self._dtypes if not first else {c: _column_dtype(c, task.num_classes) for c in columns}
         number = len(self._records)
         labels = self._labels if not first else (np.empty(n, dtype=np.int64) if task.is_classification else None)
-        maps = {}
-        for name, dtype in dtypes.items():
-            path = self._column_path(name)
-            with open(path, "ab" if not path.exists() else "r+b") as f:
-                f.truncate((number + 1) * n * dtype.itemsize)  # drops any uncommitted tail first
-            maps[name] = np.memmap(path, dtype=dtype, mode="r+", offset=number * n * dtype.itemsize, shape=(n,))
+        writers = {name: _BlockWriter(self._column_path(name), dtype, number, n, in_order)
+                   for name, dtype in dtypes.items()}
         mismatched = 0
         first_mismatch = None
-        identity = bool(np.array_equal(root_arr, indices))
         offset = 0
-        for chunk, chunk_roots in zip(values.iter_chunks(), roots.iter_chunks()):
-            pos = (np.arange(offset, offset + len(chunk)) if identity
-                   else np.searchsorted(indices, chunk_roots))
-            offset += len(chunk)
-            maps["loss"][pos] = chunk[:, 0]
-            if not task.is_classification:
-                continue
-            for j, name in enumerate(_ROW[1:6], start=1):
-                maps[name][pos] = chunk[:, j].astype(dtypes[name])
-            chunk_labels = chunk[:, 6].astype(np.int64)
-            if first:
-                labels[pos] = chunk_labels
-            else:
-                bad = labels[pos] != chunk_labels
-                if bad.any():
-                    mismatched += int(bad.sum())
-                    first_mismatch = first_mismatch if first_mismatch is not None else int(indices[pos[bad][0]])
+        try:
+            for chunk, chunk_roots in zip(values.iter_chunks(), roots.iter_chunks()):
+                pos: Any = (slice(offset, offset + len(chunk)) if in_order
+                            else np.searchsorted(indices, chunk_roots))
+                offset += len(chunk)
+                writers["loss"].put(pos, chunk[:, 0])
+                if not task.is_classification:
+                    continue
+                for j, name in enumerate(_ROW[1:6], start=1):
+                    writers[name].put(pos, chunk[:, j])
+                chunk_labels = chunk[:, 6].astype(np.int64)
+                if first:
+                    labels[pos] = chunk_labels
+                else:
+                    bad = labels[pos] != chunk_labels
+                    if bad.any():
+                        mismatched += int(bad.sum())
+                        if first_mismatch is None:
+                            first_mismatch = int(indices[pos][bad][0])
+        finally:
+            for writer in writers.values():
+                writer.close()  # blocks past the committed records are ignored and overwritten later
         if mismatched:
-            maps.clear()  # the blocks written lie past the committed records: ignored, overwritten later
             raise DynamicsError(
                 f"{mismatched} sample(s) changed label since the first record (e.g. sample {first_mismatch}); "
                 f"record relabelled data in a new folder"
             )
-        for name in list(maps):
-            maps.pop(name).flush()
+        for name in writers:
             _fsync(self._column_path(name))
         if first:
             self._indices, self._labels, self._task, self._dtypes = indices, labels, task, dict(dtypes)
@@ -434,6 +487,24 @@ class DynamicsRecorder:
         self._commit([*self._records, record])
         self._records.append(record)
         return record
+
+    def read_block(self, column: str, records: list[int], start: int, stop: int) -> np.ndarray:
+        """Values of `column` for samples `start:stop` (positions in `indices`) of the given
+        record numbers: a (len(records), stop - start) array read with plain file reads, so
+        memory holds only this block (no memory map grows with the folder)."""
+        dtype = self._dtypes[column]
+        n = len(self.indices)
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"sample positions {start}:{stop} outside 0:{n}")
+        out = np.empty((len(records), stop - start), dtype=dtype)
+        with open(self._column_path(column), "rb") as f:
+            for row, r in enumerate(records):
+                f.seek((r * n + start) * dtype.itemsize)
+                data = f.read((stop - start) * dtype.itemsize)
+                if len(data) != (stop - start) * dtype.itemsize:
+                    raise DynamicsError(f"{self._column_path(column)}: record {r} is shorter than {n} samples")
+                out[row] = np.frombuffer(data, dtype=dtype)
+        return out
 
     def __repr__(self) -> str:
         return f"DynamicsRecorder({str(self.folder)!r}, records={self.num_records})"
