@@ -42,9 +42,15 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import ArrayDataset, load_digits_arrays, make_loader, predict_probs, stratified_split  # noqa: E402
+from _digits import (
+    ArrayDataset,
+    load_digits_arrays,
+    make_loader,
+    predict_probs,
+    stratified_split,
+)
 
-import onthefly  # noqa: E402
+import onthefly
 
 STRATEGIES = ("swa", "fisher", "ties", "task_arithmetic", "adapter", "distill")
 BATCH = 32
@@ -153,7 +159,7 @@ def run_seed(seed: int, base_epochs: int, n_steps: int, selection: str, fork_lr:
     first["base + 2N steps (all data)"] = accuracy(base, x_te, y_te, hard_test)
     rows = {**first, **rows}
     return {"rows": rows, "notes": notes, "hard_train": int(hard_train.sum()), "hard_test": int(hard_test.sum()),
-            "fork_size": int(len(picked)), "fork_precision": float(hard_train[picked].mean()),
+            "fork_size": len(picked), "fork_precision": float(hard_train[picked].mean()),
             "n_train": len(y_tr), "n_test": len(y_te)}
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _digits import (  # noqa: E402
+from _digits import (
     ArrayDataset,
     auroc,
     flip_labels,
@@ -48,7 +48,7 @@ from _digits import (  # noqa: E402
     train_epoch,
 )
 
-from onthefly.data_explorer import DynamicsRecorder, confident_learning, suggest_cutoff  # noqa: E402
+from onthefly.data_explorer import DynamicsRecorder, confident_learning, suggest_cutoff
 
 BATCH = 64
 LR = 1e-3
@@ -122,7 +122,8 @@ def run_seed(seed: int, epochs: int, with_cv: bool) -> dict[str, dict[str, float
         out["cut-off: " + name] = {"flagged": float(len(c.flagged)),
                                    "precision": float(hit / max(len(c.flagged), 1)),
                                    "recall": float(hit / k), "noise_rate": c.noise_rate,
-                                   "separation": float(c.meta.get("separation", np.nan))}
+                                   "separation": float(c.meta.get("separation", np.nan)),
+                                   "warned": float(c.warning is not None)}
     out["_"] = {"k": float(k), "n": float(len(y)), "best_epoch": float(best + 1)}
     return out
 
@@ -151,14 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.quick:
         print("early-stopping epochs: " + ", ".join(str(int(r['_']['best_epoch'])) for r in results))
     print(f"\n{'suggested cut-off (no k given)':46} {'flagged':>8} {'precision':>10} {'recall':>7} {'est. noise':>11}"
-          f" {'separation':>11}")
+          f" {'separation':>11} {'warned':>7}")
     for name in results[0]:
         if not name.startswith("cut-off"):
             continue
         rows = [r[name] for r in results]
         print(f"{name[9:]:46} {np.mean([r['flagged'] for r in rows]):8.1f} "
               f"{np.mean([r['precision'] for r in rows]):10.3f} {np.mean([r['recall'] for r in rows]):7.3f} "
-              f"{np.mean([r['noise_rate'] for r in rows]):11.3f} {np.mean([r['separation'] for r in rows]):11.2f}")
+              f"{np.mean([r['noise_rate'] for r in rows]):11.3f} {np.mean([r['separation'] for r in rows]):11.2f} "
+              f"{int(sum(r['warned'] for r in rows)):>4}/{len(rows)}")
     print(f"(true noise rate {info['k'] / info['n']:.3f}; {time.perf_counter() - started:.0f} s)")
     dyn = [r["dynamics: mislabel (= mean loss)"]["P@k"] for r in results]
     if not args.quick:

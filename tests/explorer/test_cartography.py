@@ -11,7 +11,12 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from onthefly.data_explorer import METRICS, DynamicsError, DynamicsRecorder, summarize_dynamics
+from onthefly.data_explorer import (
+    METRICS,
+    DynamicsError,
+    DynamicsRecorder,
+    summarize_dynamics,
+)
 
 
 class IndexData(Dataset):

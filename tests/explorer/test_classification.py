@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from onthefly.data_explorer import ClassificationShapeError, TaskSpec, classification_stats, infer_task
+from onthefly.data_explorer import (
+    ClassificationShapeError,
+    TaskSpec,
+    classification_stats,
+    infer_task,
+)
 
 
 def test_multiclass_kinds_from_the_loss_and_the_values() -> None:

@@ -7,7 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from onthefly.data_explorer import CutoffError, confident_learning, mixture_cutoff, suggest_cutoff
+from onthefly.data_explorer import (
+    CutoffError,
+    confident_learning,
+    mixture_cutoff,
+    suggest_cutoff,
+)
 
 
 def _noisy_probs(n: int = 600, c: int = 3, noise: float = 0.1, seed: int = 0):

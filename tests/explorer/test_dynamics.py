@@ -304,7 +304,7 @@ def test_schedule_is_due_at_epoch_ends_and_every_n_steps() -> None:
     every_other = DynamicsSchedule(every_epochs=2)
     assert [every_other.due(step=10 * (e + 1), epoch=e, epoch_end=True) for e in range(4)] == [False, True, False, True]
     steps = DynamicsSchedule(every_epochs=None, every_steps=25)
-    assert [s for s in range(0, 101) if steps.due(step=s, epoch=0, epoch_end=False)] == [25, 50, 75, 100]
+    assert [s for s in range(101) if steps.due(step=s, epoch=0, epoch_end=False)] == [25, 50, 75, 100]
     assert not steps.due(step=50, epoch=0, epoch_end=True)
     with pytest.raises(ValueError, match="every_epochs or every_steps"):
         DynamicsSchedule(every_epochs=None)

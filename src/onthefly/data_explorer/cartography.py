@@ -146,24 +146,20 @@ def summarize_dynamics(recorder: DynamicsRecorder, records: Any = None) -> Dynam
     with np.errstate(invalid="ignore", divide="ignore"):
         for a in range(0, n, step):
             b = min(n, a + step)
-
-            def block(col: str) -> np.ndarray:
-                return recorder.read_block(col, rows, a, b).astype(np.float64)
-
-            loss = block("loss")
+            loss = _block(recorder, "loss", rows, a, b)
             out["loss"][a:b] = loss[-1]
             out["mean_loss"][a:b] = _nanmean(loss)
             out["loss_std"][a:b] = _nanstd(loss)
             if not classification:
                 continue
-            p = block("p_true")
+            p = _block(recorder, "p_true", rows, a, b)
             out["confidence"][a:b] = _nanmean(p)
             out["variability"][a:b] = _nanstd(p)
-            correct = block("correct") > 0
+            correct = _block(recorder, "correct", rows, a, b) > 0
             out["correctness"][a:b] = correct.mean(axis=0)
             out["forgetting"][a:b] = (correct[:-1] & ~correct[1:]).sum(axis=0)
             out["never_learned"][a:b] = ~correct.any(axis=0)
-            out["aum"][a:b] = _nanmean(block("margin"))
+            out["aum"][a:b] = _nanmean(_block(recorder, "margin", rows, a, b))
     mislabel = out["mean_loss"].copy()
     picked = [all_records[r] for r in chosen]
     return DynamicsSummary(
@@ -176,6 +172,10 @@ def summarize_dynamics(recorder: DynamicsRecorder, records: Any = None) -> Dynam
         mislabel=mislabel.astype(np.float32),
         **out,
     )
+
+
+def _block(recorder: DynamicsRecorder, column: str, rows: list[int], start: int, stop: int) -> np.ndarray:
+    return recorder.read_block(column, rows, start, stop).astype(np.float64)
 
 
 def _nanmean(x: np.ndarray) -> np.ndarray:

@@ -52,7 +52,7 @@ class CutoffResult:
         return {
             "method": self.method,
             "flagged": self.flagged.tolist(),
-            "flagged_count": int(len(self.flagged)),
+            "flagged_count": len(self.flagged),
             "noise_rate": num(self.noise_rate),
             "threshold": num(self.threshold),
             "class_thresholds": None if self.class_thresholds is None else [num(t) for t in self.class_thresholds],
@@ -102,9 +102,8 @@ def confident_learning(
     y = np.asarray(labels).reshape(-1)
     if len(y) != n:
         raise CutoffError(f"labels ({len(y)}) and probs ({n}) differ in length")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        if not np.all(np.equal(np.mod(y, 1), 0)):
-            raise CutoffError(f"labels must be class indices, got dtype {y.dtype} with fractional values")
+    if y.size and not np.issubdtype(y.dtype, np.integer) and not np.all(np.equal(np.mod(y, 1), 0)):
+        raise CutoffError(f"labels must be class indices, got dtype {y.dtype} with fractional values")
     y = y.astype(np.int64)
     if n == 0:
         raise CutoffError("no samples given")
@@ -288,7 +287,7 @@ def mixture_cutoff(
         threshold=threshold,
         meta={"weights": weights[[lo, hi]].tolist(), "means": means[[lo, hi]].tolist(),
               "stds": np.sqrt(variances[[lo, hi]]).tolist(), "iterations": iterations,
-              "left_out_non_finite": int((~finite).sum()), "samples": int(len(s)), "separation": separation,
+              "left_out_non_finite": int((~finite).sum()), "samples": len(s), "separation": separation,
               "bic_gain": bic_gain},
         warning=warning,
     )

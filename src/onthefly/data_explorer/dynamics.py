@@ -17,9 +17,10 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..fileio import atomic_write
 from .batches import batch_size_of, split_batch
-from .calling import CallCache, cache_for, call_model, compute_batch_loss, ensure_tensor_output, targets_for
+from .calling import (
+    CallCache,
+    cache_for,
+    call_model,
+    compute_batch_loss,
+    ensure_tensor_output,
+    targets_for,
+)
 from .classification import OUTPUT_KINDS, TaskSpec, classification_stats, infer_task
 from .scan import dataset_indices_of, run_scan
 
@@ -222,7 +230,7 @@ class DynamicsRecorder:
         manifest = {
             "format": FORMAT,
             "version": VERSION,
-            "samples": int(len(self._indices)),
+            "samples": len(self._indices),
             "task": self._task.to_dict(),
             "columns": {k: v.name for k, v in self._dtypes.items()},
             "records": [asdict(r) for r in records],
@@ -384,7 +392,7 @@ class DynamicsRecorder:
                     stats["correct"].float(), stats["labels"].float()]
             return torch.stack([c.to(per.device).float() for c in cols], dim=1)
 
-        sink, plan, _dev = run_scan(
+        sink, _plan, _dev = run_scan(
             model, data, batch_rows, materialize=False, spool_dir=self.folder, batch_size=batch_size,
             mirror_train_semantics=mirror, seed=seed, device=device, num_workers=num_workers, amp=amp,
             amp_dtype=amp_dtype, progress=progress, cancel=cancel,
