@@ -1,5 +1,5 @@
 """Torch-level analysis utilities: calling any model and loss on any batch, per-sample losses,
-disk spooling, embeddings, clustering and subset export.
+disk spooling, embeddings, clustering, training dynamics, suggested cut-offs and subset export.
 
 Importing this package loads neither scikit-learn, pandas nor pyarrow; the functions that need
 them import them when called (install them with `pip install 'onthefly[explorer]'`).
@@ -29,7 +29,12 @@ from .calling import (
     extract_loss_value,
     model_input_candidates,
     reduction_none,
+    targets_for,
 )
+from .cartography import CLASSIFICATION_METRICS, HARDER_WHEN_HIGHER, METRICS, DynamicsSummary, summarize_dynamics
+from .classification import ClassificationShapeError, TaskSpec, classification_stats, infer_task
+from .cutoff import CutoffError, CutoffResult, confident_learning, mixture_cutoff, suggest_cutoff
+from .dynamics import DynamicsError, DynamicsRecord, DynamicsRecorder, DynamicsSchedule
 from .embeddings import (
     ClusterSummary,
     EmbeddingResult,
@@ -49,27 +54,42 @@ from .scan import (
     rng_guard,
     root_dataset,
 )
+from .scaling import FeatureScaling, FeatureScalingError, fit_feature_scaling, standardize_features
 from .spool import ChunkedArraySpool
 
 __all__ = [
     "ALREADY_PER_SAMPLE",
-    "FORMATS",
-    "ONE_BY_ONE",
-    "REDUCTION_NONE",
-    "VMAP",
     "BatchParts",
+    "CLASSIFICATION_METRICS",
     "CallCache",
     "ChunkedArraySpool",
+    "ClassificationShapeError",
     "ClusterSummary",
+    "CutoffError",
+    "CutoffResult",
+    "DynamicsError",
+    "DynamicsRecord",
+    "DynamicsRecorder",
+    "DynamicsSchedule",
+    "DynamicsSummary",
     "EmbeddingResult",
     "ExportResult",
+    "FORMATS",
+    "FeatureScaling",
+    "FeatureScalingError",
+    "HARDER_WHEN_HIGHER",
     "InputCandidate",
     "InputRecipe",
     "LossCallError",
     "LossShapeError",
+    "METRICS",
     "ModelCallError",
+    "ONE_BY_ONE",
     "PerSampleResult",
+    "REDUCTION_NONE",
     "ScanCancelled",
+    "TaskSpec",
+    "VMAP",
     "_call_batch_loss",
     "analysis_mode",
     "apply_loss_with_warning_guard",
@@ -77,17 +97,22 @@ __all__ = [
     "batch_size_of",
     "call_batch_loss",
     "call_model",
+    "classification_stats",
     "cluster_embeddings",
     "coerce_to_per_sample",
     "compute_batch_loss",
     "compute_embeddings",
     "compute_per_sample_losses",
+    "confident_learning",
     "dataset_indices_of",
     "ensure_tensor_output",
     "export_subset_table",
     "extract_loss_value",
+    "fit_feature_scaling",
+    "infer_task",
     "last_linear_layer",
     "map_batch",
+    "mixture_cutoff",
     "model_device",
     "model_input_candidates",
     "move_to_device",
@@ -99,4 +124,8 @@ __all__ = [
     "select_hard_clusters",
     "select_sample",
     "split_batch",
+    "standardize_features",
+    "suggest_cutoff",
+    "summarize_dynamics",
+    "targets_for",
 ]

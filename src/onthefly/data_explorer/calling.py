@@ -263,7 +263,11 @@ def model_input_candidates(model: Any, first: Any, rest: tuple[Any, ...] = ()) -
     return out
 
 
-def _targets_for(recipe: InputRecipe, parts: BatchParts) -> Any:
+def targets_for(recipe: InputRecipe | None, parts: BatchParts) -> Any:
+    """The loss target of a split batch once the model-input recipe is known (the element after
+    the inputs the model consumes), else the default guess `parts.targets`."""
+    if recipe is None:
+        return parts.targets
     if recipe.kind == "positional" and parts.rest:
         return parts.rest[recipe.n_rest] if recipe.n_rest < len(parts.rest) else None
     return parts.targets
@@ -514,7 +518,7 @@ def _run_loss(
     out = ensure_tensor_output(outputs) if cfg.get("outputs") == "tensor" else outputs
     if pattern == "outputs_batch":
         return _guarded(guard, loss_fn, out, batch, **kwargs)
-    targets = _targets_for(recipe, parts) if recipe is not None else parts.targets
+    targets = targets_for(recipe, parts)
     if targets is None:
         raise LossCallError("the cached pattern loss(outputs, targets) needs targets, but this batch has none")
     return _guarded(guard, loss_fn, out, targets, **kwargs)
@@ -613,7 +617,7 @@ def _probe_output_patterns(
                 yield cand.recipe, outputs
 
     for recipe, outputs in outputs_in_order():
-        targets = _targets_for(recipe, parts)
+        targets = targets_for(recipe, parts)
         # "tensor" passes ensure_tensor_output(outputs): the same as raw for tensor outputs,
         # and it keeps working for a later model that returns a ModelOutput.
         variants = ["tensor"] if isinstance(outputs, torch.Tensor) else ["tensor", "raw"]
