@@ -10,7 +10,6 @@ Pure Python; it must not import torch.
 from __future__ import annotations
 
 import abc
-import json
 import logging
 import queue
 import threading
@@ -21,7 +20,7 @@ from typing import Any
 
 from .link import Link, Pending
 from .ordering import EventSequencer, GapFill
-from .wire import MAX_LINE_BYTES, RequestError, TrainerDisconnected, encode_request
+from .wire import MAX_LINE_BYTES, RequestError, TrainerDisconnected, encode_request, line_text, parse_line
 
 __all__ = ["DashboardBase"]
 
@@ -178,6 +177,19 @@ class DashboardBase(abc.ABC):
                 if remaining <= 0:
                     raise TimeoutError(f"the trainer was still connected after {timeout} s")
                 self._cond.wait(remaining)
+
+    def drop_connection(self) -> bool:
+        """Cut the current trainer link; False when none is attached.
+
+        A TCP trainer reconnects by itself and its missed events are replayed; for a script
+        started over stdio this closes its stdin, like `ProcessDashboard.close_input`.
+        """
+        with self._lock:
+            link = self._link
+        if link is None:
+            return False
+        link.shutdown()
+        return True
 
     def _end_reason(self) -> str:
         return "the dashboard is closed"
@@ -437,15 +449,11 @@ class DashboardBase(abc.ABC):
     # ------------------------------------------------------------------ inbound lines
 
     def _handle_line(self, link: Link, line: bytes) -> None:
-        text = line.decode("utf-8", errors="replace").strip()
-        if not text:
+        if not line.strip():
             return
-        try:
-            obj = json.loads(text)
-        except json.JSONDecodeError:
-            obj = None
+        obj = parse_line(line)
         if not isinstance(obj, dict):
-            self._deliver_unparsed(text)
+            self._deliver_unparsed(line_text(line))
             return
         if obj.get("id") and isinstance(obj.get("ok"), bool):
             self._handle_reply(obj)
@@ -453,7 +461,7 @@ class DashboardBase(abc.ABC):
         if "type" not in obj and isinstance(obj.get("event"), str):
             obj["type"] = obj.pop("event")
         if not isinstance(obj.get("type"), str):
-            self._deliver_unparsed(text)
+            self._deliver_unparsed(line_text(line))
             return
         with self._lock:
             send = self._sequencer.accept(link, obj)

@@ -14,6 +14,11 @@ import struct
 import sys
 from typing import Any
 
+try:  # orjson is a core dependency and parses a wire line 3-5x faster; the stdlib is the fallback
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - exercised only without orjson
+    _orjson = None
+
 __all__ = [
     "DEFAULT_PORT",
     "PORT_ENV",
@@ -28,6 +33,9 @@ __all__ = [
     "DEFAULT_TIMEOUT_S",
     "COMMAND_TIMEOUTS_S",
     "reply_timeout",
+    "NOT_JSON",
+    "parse_line",
+    "line_text",
 ]
 
 logger = logging.getLogger(__name__)
@@ -140,3 +148,30 @@ def seq_of(event: dict[str, Any]) -> int | None:
     if isinstance(seq, int) and not isinstance(seq, bool):
         return seq
     return None
+
+
+# What `parse_line` returns for a line that is not JSON (JSON `null` is a value: None).
+NOT_JSON: Any = object()
+
+
+def line_text(line: bytes) -> str:
+    """A wire line as text for display: invalid UTF-8 replaced, surrounding whitespace removed."""
+    return line.decode("utf-8", errors="replace").strip()
+
+
+def parse_line(line: bytes) -> Any:
+    """The JSON value on one wire line, or NOT_JSON.
+
+    orjson first (fast); when it refuses a line the stdlib has the last word, so what is
+    accepted never depends on whether orjson is installed (it is stricter: NaN literals,
+    invalid UTF-8).
+    """
+    if _orjson is not None:
+        try:
+            return _orjson.loads(line)
+        except _orjson.JSONDecodeError as exc:
+            logger.debug("orjson refused a line (%s); trying the stdlib parser", exc)
+    try:
+        return json.loads(line_text(line))
+    except json.JSONDecodeError:
+        return NOT_JSON
