@@ -6,7 +6,8 @@ terminal) or one plain line per interesting event, and read commands typed on st
 line. `onthefly dashboard` serves a web page instead (see onthefly.dashboard).
 
 Modules: `commands` (what you can type), `formatting` (event and reply lines), `views` (plain and
-rich output), `console` (the typed-command reader), `main` (the subcommands). rich and the web
+rich output), `console` (the typed-command reader), `common` (what the subcommands share), `main`
+(`listen`, `run`, the parser), `web` (`dashboard`). rich and the web
 server are imported only when used, so `import onthefly.cli` stays cheap.
 """
 
@@ -23,7 +24,9 @@ from .commands import (
 )
 from .console import CommandConsole
 from .formatting import fmt_float, format_event, format_reply, format_train_step
-from .main import build_parser, cmd_listen, cmd_run, exit_status, main, pump_events, script_argv, write_text_atomic
+from .common import KEEP_EVENTS, exit_status, pump_events, script_argv, write_text_atomic
+from .main import build_parser, cmd_listen, cmd_run, main
+from .web import cmd_dashboard
 from .views import PlainView, RichView, RunState, View, make_view
 
 __all__ = [
@@ -49,6 +52,8 @@ __all__ = [
     "pump_events",
     "cmd_listen",
     "cmd_run",
+    "cmd_dashboard",
+    "KEEP_EVENTS",
     "script_argv",
     "exit_status",
     "write_text_atomic",

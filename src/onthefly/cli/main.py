@@ -8,60 +8,18 @@ server (an optional extra) only when it is the subcommand being run.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 import threading
-from collections.abc import Callable
 from typing import Any, TextIO
 
 from .._version import __version__
-from ..client import DashboardBase, DashboardServer, ProcessDashboard
-from ..fileio import atomic_write
+from ..client import DashboardServer, ProcessDashboard
+from .common import KEEP_EVENTS, exit_status, pump_events, script_argv, write_text_atomic
 from .console import CommandConsole
-from .views import View, make_view
+from .views import make_view
+from .web import add_dashboard_parser
 
-__all__ = [
-    "KEEP_EVENTS",
-    "write_text_atomic",
-    "pump_events",
-    "cmd_listen",
-    "script_argv",
-    "exit_status",
-    "cmd_run",
-    "build_parser",
-    "main",
-]
-
-# Events kept in memory by the CLI's dashboard (older ones are only in the trainer's event log).
-KEEP_EVENTS = 10_000
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write `text` to `path` atomically (temp file in the same folder, fsync, rename)."""
-    data = text.encode("utf-8")
-    atomic_write(path, lambda handle: handle.write(data))
-
-
-def pump_events(
-    dash: DashboardBase,
-    view: View,
-    quit_event: threading.Event,
-    poll_s: float = 0.2,
-    observe: Callable[[dict[str, Any]], None] | None = None,
-) -> None:
-    """Show events until `quit` is typed or the stream ends (all delivered events shown)."""
-    while not quit_event.is_set():
-        for event in dash.events(timeout=poll_s):
-            view.event(event)
-            if observe is not None:
-                observe(event)
-            if quit_event.is_set():
-                return
-        if dash.ended:
-            for event in dash.events(timeout=0):
-                view.event(event)
-            return
+__all__ = ["cmd_listen", "cmd_run", "build_parser", "main"]
 
 
 def cmd_listen(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
@@ -95,29 +53,6 @@ def cmd_listen(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
         view.stop()
         server.close()
     return 0
-
-
-def script_argv(script: str, args: list[str]) -> list[str]:
-    """The command line that runs SCRIPT: Python (unbuffered) for .py files, else the program itself."""
-    if script.endswith(".py"):
-        if not os.path.isfile(script):
-            raise FileNotFoundError(f"no such script: {script}")
-        return [sys.executable, "-u", script, *args]
-    if os.path.isfile(script) and os.access(script, os.X_OK):
-        return [os.path.abspath(script), *args]
-    found = shutil.which(script)
-    if found is None:
-        raise FileNotFoundError(f"no such script or program: {script}")
-    return [found, *args]
-
-
-def exit_status(returncode: int | None, interrupted: bool) -> int:
-    """The CLI's exit status for a script's return code (128+N for a signal, as shells do)."""
-    if returncode is None:
-        return 130 if interrupted else 1
-    if returncode < 0:
-        return 128 - returncode
-    return returncode
 
 
 def cmd_run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
@@ -181,10 +116,10 @@ def cmd_run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onthefly",
-        description="Watch and steer a running PyTorch training from the terminal.",
+        description="Watch and steer a running PyTorch training from the terminal or a web page.",
     )
     parser.add_argument("--version", action="version", version=f"onthefly {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{listen,run}")
+    sub = parser.add_subparsers(dest="command", metavar="{listen,run,dashboard}")
 
     listen = sub.add_parser("listen", help="wait for a training process to connect over TCP")
     listen.add_argument("--port", type=int, default=None, help="port (default $ONTHEFLY_DASHBOARD_PORT or 47621; 0: any free port)")
@@ -199,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("script", help="a .py file (run with this Python) or a program")
     run.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     run.set_defaults(handler=cmd_run)
+
+    add_dashboard_parser(sub)
     return parser
 
 
