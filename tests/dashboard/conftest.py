@@ -91,6 +91,7 @@ def build_training(n: int = 256, dim: int = 8, classes: int = 3, seed: int = 0, 
     w = torch.randn(dim, classes, generator=g)
     x = torch.randn(n, dim, generator=g)
     vx = torch.randn(64, dim, generator=g)
+    tx = torch.randn(64, dim, generator=g)
     torch.manual_seed(seed)
 
     def make_model() -> nn.Module:
@@ -104,6 +105,7 @@ def build_training(n: int = 256, dim: int = 8, classes: int = 3, seed: int = 0, 
         loss_fn=loss_fn if loss_fn is not None else nn.CrossEntropyLoss(),
         train_loader=DataLoader(TensorDataset(x, (x @ w).argmax(1)), batch_size=16, shuffle=True),
         val_loader=DataLoader(TensorDataset(vx, (vx @ w).argmax(1)), batch_size=32),
+        test_loader=DataLoader(TensorDataset(tx, (tx @ w).argmax(1)), batch_size=32),
         seed=seed,
         model_factory=make_model,
     )

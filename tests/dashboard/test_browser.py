@@ -104,6 +104,39 @@ def test_live_chart_grows_pause_and_resume_steer_the_run(browser, tmp_path):
         save_screenshot(browser, "dashboard-training.png")
         assert not browser.find_element(By.ID, "errors").is_displayed()
 
+        click(browser, "btn-test")
+        done = live.dash.wait_for_event(lambda e: e.get("type") == "test_complete" and e.get("label") == "dashboard",
+                                        since=mark, timeout=WAIT)
+        assert done["avg_loss"] > 0
+        wait_until(lambda: js(browser, "onthefly.store.viewSession.markers.some(m => m.kind === 'test')"), WAIT, "the test marker")
+        check_chart_controls(browser)
+
+
+def check_chart_controls(browser: Any) -> None:
+    """Smoothing, wall-time axis, log scale and a drag-zoom shared by every chart."""
+    series = "onthefly.charts.panels[0].u.series.findIndex(s => s.label === 'baseline loss{}')"
+    browser.execute_script("const e = document.getElementById('ema'); e.value = '0'; e.dispatchEvent(new Event('input'));")
+    wait_until(lambda: js(browser, f"""(() => {{ const u = onthefly.charts.panels[0].u;
+        const raw = u.data[{series.format('')}], smooth = u.data[{series.format(' (smoothed)')}];
+        return onthefly.charts.alpha === 0 && raw.length > 10 && raw.every((v, i) => v === smooth[i]); }})()"""),
+        WAIT, "alpha 0: the smoothed line is the raw one")
+    Select(browser.find_element(By.ID, "x-axis")).select_by_value("ts")
+    wait_until(lambda: js(browser, "onthefly.charts.panels[0].u.scales.x.time === true && onthefly.charts.panels[0].u.data[0][0] > 1e9"),
+               WAIT, "wall-time x axis")
+    Select(browser.find_element(By.ID, "x-axis")).select_by_value("step")
+    browser.find_element(By.CSS_SELECTOR, ".chart-loss .log-toggle").click()
+    wait_until(lambda: js(browser, "onthefly.charts.panels[0].u.scales.y.distr === 3 && onthefly.charts.panels[0].u.scales.x.time === false"),
+               WAIT, "log y scale on steps")
+    over = browser.find_element(By.CSS_SELECTOR, ".chart-loss .u-over")
+    width = over.size["width"]
+    ActionChains(browser).move_to_element_with_offset(over, int(-width * 0.3), 0).click_and_hold() \
+        .move_by_offset(int(width * 0.3), 0).release().perform()
+    view = wait_until(lambda: js(browser, "onthefly.charts.view"), WAIT, "a zoom window")
+    scales = js(browser, "onthefly.charts.panels.filter(p => p.u).map(p => [p.u.scales.x.min, p.u.scales.x.max])")
+    assert all(s == pytest.approx(view) for s in scales) and len(scales) >= 3
+    click(browser, "btn-reset-zoom")
+    assert js(browser, "onthefly.charts.view") is None
+
 
 def test_report_brush_fork_merge_export_and_switch(browser, tmp_path):
     with live_training(tmp_path) as live:

@@ -93,7 +93,7 @@ export class Charts {
       plot,
     );
     this.root.append(node);
-    const panel = { spec, node, plot, points, log, u: null, signature: null, applying: false, full: null };
+    const panel = { spec, node, plot, points, log, u: null, signature: null };
     log.addEventListener("change", () => {
       panel.signature = null;
       this.schedule();
@@ -126,7 +126,7 @@ export class Charts {
 
   resetZoom() {
     this.view = null;
-    this.schedule();
+    this.draw();
   }
 
   resize() {
@@ -180,10 +180,11 @@ export class Charts {
         if (!s.length) continue;
         const lines = group.lines.filter((l) => l.kind !== "raw" || this.showRaw);
         if (!lines.length) continue;
-        points += group === panel.spec.groups[0] ? s.length : 0;
+        const main = group === panel.spec.groups[0]; // the header counts the chart's main metric
+        if (main) points += s.length;
         const table = this.linesFor(session, run, group.metric, lines, vmin, vmax, buckets, log);
         if (!table[0].length) continue;
-        shown += table[0].length;
+        if (main) shown += table[0].length;
         tables.push(table);
         drew = true;
         for (const line of lines) {
@@ -192,7 +193,8 @@ export class Charts {
             stroke: line.kind === "raw" ? withAlpha(color, 0.35) : color,
             width: line.kind === "raw" ? 1 : line.kind === "val" ? 1.5 : 2,
             dash: line.kind === "val" ? [6, 4] : undefined,
-            points: { show: line.kind === "val", size: 5, fill: color },
+            // val points: uPlot's default shows the dots only where they are far enough apart.
+            points: line.kind === "val" ? { size: 5, fill: color } : { show: false },
             spanGaps: true,
             value: (u, v) => fmtValue(v),
           });
@@ -258,7 +260,6 @@ export class Charts {
     panel.points.textContent = built.points
       ? `${built.points.toLocaleString()} points, ${built.shown.toLocaleString()} drawn`
       : "no data yet";
-    panel.full = built.data[0].length ? [built.data[0][0], built.data[0][built.data[0].length - 1]] : null;
     if (!built.series.length) {
       if (panel.u) {
         panel.u.destroy();
@@ -267,24 +268,20 @@ export class Charts {
       panel.signature = null;
       return;
     }
-    panel.applying = true;
-    try {
-      if (panel.u && panel.signature === built.signature) {
-        if (this.view) {
-          panel.u.setData(built.data, false);
-          panel.u.setScale("x", { min: this.view[0], max: this.view[1] });
-        } else {
-          panel.u.setData(built.data);
-        }
+    if (panel.u && panel.signature === built.signature) {
+      if (this.view) {
+        panel.u.setData(built.data, false);
+        panel.u.setScale("x", { min: this.view[0], max: this.view[1] });
       } else {
-        if (panel.u) panel.u.destroy();
-        panel.u = new uPlot(this.options(panel, built), built.data, panel.plot);
-        panel.signature = built.signature;
-        if (this.view) panel.u.setScale("x", { min: this.view[0], max: this.view[1] });
+        panel.u.setData(built.data);
       }
-    } finally {
-      panel.applying = false;
+      return;
     }
+    if (panel.u) panel.u.destroy();
+    panel.u = new uPlot(this.options(panel, built), built.data, panel.plot);
+    panel.u.over.addEventListener("dblclick", () => this.resetZoom());
+    panel.signature = built.signature;
+    if (this.view) panel.u.setScale("x", { min: this.view[0], max: this.view[1] });
   }
 
   options(panel, built) {
@@ -296,24 +293,30 @@ export class Charts {
       scales: { x: { time }, y: log ? { distr: 3, log: 10 } : { auto: true } },
       series: [{ label: time ? "time" : "step", value: (u, v) => (v === null || v === undefined ? "-" : time ? new Date(v * 1000).toLocaleTimeString() : String(v)) }, ...built.series],
       axes: [{ stroke: "#475569", grid: { stroke: "#e2e8f0" } }, { stroke: "#475569", grid: { stroke: "#e2e8f0" }, size: 64, values: (u, vals) => vals.map(fmtTick) }],
-      cursor: { sync: { key: "onthefly-x" }, drag: { x: true, y: false } },
+      // A drag selects an x range; we apply it to every chart ourselves (setScale: false), so
+      // that each one re-thins its data for the window instead of stretching the overview.
+      cursor: { sync: { key: "onthefly-x" }, drag: { x: true, y: false, setScale: false } },
       legend: { live: true },
       hooks: {
-        setScale: [
-          (u, key) => {
-            if (key === "x" && !panel.applying) this.onZoom(panel, u.scales.x.min, u.scales.x.max);
-          },
-        ],
+        setSelect: [(u) => this.onSelect(u)],
         draw: [(u) => this.drawMarkers(u)],
       },
     };
   }
 
-  onZoom(panel, min, max) {
-    if (min === null || max === null || min === undefined) return;
-    const full = panel.full;
-    this.view = full && min <= full[0] && max >= full[1] ? null : [min, max];
-    this.schedule();
+  onSelect(u) {
+    if (!u.select || u.select.width < 3) return;
+    const min = u.posToVal(u.select.left, "x");
+    const max = u.posToVal(u.select.left + u.select.width, "x");
+    u.setSelect({ left: 0, top: 0, width: 0, height: 0 }, false);
+    this.zoomTo(min, max);
+  }
+
+  /** Show only x in [min, max] on every chart (redrawn now: the user is waiting). */
+  zoomTo(min, max) {
+    if (!(max > min)) return;
+    this.view = [min, max];
+    this.draw();
   }
 
   drawMarkers(u) {
