@@ -268,6 +268,15 @@ def test_reconnects_of_the_trainer_and_the_page_lose_and_repeat_nothing(browser,
         assert "trainer disconnected" in log and log.count("trainer connected") >= 2
         assert text(browser, "trainer-link") == "trainer: connected"
 
+        mark = live.dash.delivered_count
+        click(browser, "btn-stop")  # the first click only arms the button
+        assert text(browser, "btn-stop") == "Confirm stop"
+        click(browser, "btn-stop")
+        live.dash.wait_for_event("stopping", since=mark, timeout=WAIT)
+        finished = live.dash.wait_for_event("trainingFinished", since=mark, timeout=WAIT)
+        assert finished["status"] == "stopped"
+        wait_until(lambda: text(browser, "st-activity") == "finished (stopped)", WAIT, "the finished badge")
+
 
 
 def test_series_math_runs_in_the_browser(browser):

@@ -101,6 +101,7 @@ def cmd_dashboard(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> in
         pump_events(dash, view, quit_event)
         if isinstance(dash, ProcessDashboard):
             code = dash.wait()
+            dash.wait_callbacks()  # the script's last events are in the page history before its exit
             web.hub.publish({"type": PROCESS_EXIT_TYPE, "returncode": code})
             view.message(f"{args.run[0]} exited with code {code}")
             if args.exit_with_script:

@@ -354,6 +354,19 @@ class DashboardBase(abc.ABC):
             self._conn_callbacks.append(callback)
             self._ensure_dispatcher()
 
+    def wait_callbacks(self, timeout: float = 5.0) -> bool:
+        """Block until the callbacks for everything delivered so far have run; False on timeout.
+
+        Events reach `on_event` callbacks on their own thread, a little after delivery; call this
+        before acting on "all events are in" (e.g. after `ProcessDashboard.wait()`).
+        """
+        with self._lock:
+            if self._dispatcher is None or not self._dispatcher.is_alive():
+                return True
+            done = threading.Event()
+            self._dispatch_q.put(("barrier", done))
+        return done.wait(timeout)
+
     def _ensure_dispatcher(self) -> None:
         if self._dispatcher is None:
             self._dispatcher = threading.Thread(
@@ -367,6 +380,9 @@ class DashboardBase(abc.ABC):
             if item is _STOP:
                 return
             kind, value = item
+            if kind == "barrier":
+                value.set()
+                continue
             callbacks = self._event_callbacks if kind == "event" else self._conn_callbacks
             for callback in list(callbacks):
                 try:

@@ -2,7 +2,7 @@
 // Every point stays in the store; each redraw thins what is visible to about one point pair
 // per pixel column. Children start at their branch point; markers show pause/edit/test/fork/merge.
 
-import { downsample, emaInto, latestPerX } from "./series.js";
+import { emaInto, latestPerX, thinIndices } from "./series.js";
 import { MARKER_KINDS } from "./store.js";
 
 export const PALETTE = ["#2563eb", "#ea580c", "#16a34a", "#dc2626", "#9333ea", "#0891b2", "#ca8a04", "#db2777", "#4b5563", "#65a30d"];
@@ -235,16 +235,9 @@ export class Charts {
     } else {
       out = [xs, ...columns];
     }
-    // Thin by the first column's shape; the other columns follow the same x positions.
-    const [dx, dy] = downsample(out[0], out[1], buckets, vmin, vmax);
-    let result;
-    if (out.length === 2) {
-      result = [dx, dy];
-    } else {
-      const index = new Map();
-      for (let i = 0; i < out[0].length; i++) index.set(out[0][i], i);
-      result = [dx, dy, ...out.slice(2).map((ys) => dx.map((x) => ys[index.get(x)]))];
-    }
+    // Thin by the first column's shape; the other columns are taken at the same points.
+    const idx = thinIndices(out[0], out[1], buckets, vmin, vmax);
+    let result = out.map((col) => idx.map((i) => col[i]));
     if (start && (!result[0].length || result[0][0] > start.x)) {
       result = [[start.x, ...result[0]], ...result.slice(1).map((ys, i) => [start.ys[i], ...ys])];
     }

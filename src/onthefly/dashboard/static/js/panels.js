@@ -46,6 +46,7 @@ export class Panels {
     for (const [id, cmd, payload] of simple) {
       $(id).addEventListener("click", async () => {
         const button = $(id);
+        if (cmd === "stop" && !this.armStop(button)) return; // a second click within 4 s stops
         button.disabled = true;
         try {
           const data = await this.run(cmd, payload);
@@ -57,6 +58,23 @@ export class Panels {
         }
       });
     }
+  }
+
+  /** First click on Stop only arms it ("Confirm stop"); true when this click should send it. */
+  armStop(button) {
+    if (button.dataset.armed === "1") {
+      clearTimeout(this.stopTimer);
+      button.dataset.armed = "";
+      button.textContent = "Stop";
+      return true;
+    }
+    button.dataset.armed = "1";
+    button.textContent = "Confirm stop";
+    this.stopTimer = setTimeout(() => {
+      button.dataset.armed = "";
+      button.textContent = "Stop";
+    }, 4000);
+    return false;
   }
 
   bindHparams() {

@@ -108,16 +108,18 @@ export function latestPerX(xs, ys) {
 }
 
 /**
- * Thin ascending (xs, ys) to at most ~2*buckets points inside [xmin, xmax] (null: no bound),
- * keeping each bucket's lowest and highest value in x order so spikes stay visible.
- * One point either side of the window is kept so lines run to the chart's edges.
+ * Indices of ascending `xs` to draw: at most ~2*buckets inside [xmin, xmax] (null: no bound),
+ * each bucket's lowest and highest `ys` in x order, so spikes stay visible. One point either
+ * side of the window is kept so lines run to the chart's edges.
  */
-export function downsample(xs, ys, buckets, xmin = null, xmax = null) {
-  let i0 = xmin === null ? 0 : Math.max(0, lowerBound(xs, xmin) - 1);
-  let i1 = xmax === null ? xs.length : Math.min(xs.length, lowerBound(xs, xmax) + 1);
-  if (i1 - i0 <= 2 * buckets) return [xs.slice(i0, i1), ys.slice(i0, i1)];
-  const outX = [];
-  const outY = [];
+export function thinIndices(xs, ys, buckets, xmin = null, xmax = null) {
+  const i0 = xmin === null ? 0 : Math.max(0, lowerBound(xs, xmin) - 1);
+  const i1 = xmax === null ? xs.length : Math.min(xs.length, lowerBound(xs, xmax) + 1);
+  const out = [];
+  if (i1 - i0 <= 2 * buckets) {
+    for (let i = i0; i < i1; i++) out.push(i);
+    return out;
+  }
   const x0 = xs[i0];
   const span = xs[i1 - 1] - x0 || 1;
   let b = -1;
@@ -125,29 +127,29 @@ export function downsample(xs, ys, buckets, xmin = null, xmax = null) {
   let hi = -1;
   const flush = () => {
     if (lo < 0) return;
-    const a = Math.min(lo, hi);
-    const c = Math.max(lo, hi);
-    outX.push(xs[a]);
-    outY.push(ys[a]);
-    if (c !== a) {
-      outX.push(xs[c]);
-      outY.push(ys[c]);
-    }
+    out.push(Math.min(lo, hi));
+    if (hi !== lo) out.push(Math.max(lo, hi));
   };
   for (let i = i0; i < i1; i++) {
-    const y = ys[i];
     const bucket = Math.min(buckets - 1, Math.floor(((xs[i] - x0) / span) * buckets));
     if (bucket !== b) {
       flush();
       b = bucket;
       lo = hi = -1;
     }
+    const y = ys[i];
     if (y === null || !Number.isFinite(y)) continue;
     if (lo < 0 || y < ys[lo]) lo = i;
     if (hi < 0 || y > ys[hi]) hi = i;
   }
   flush();
-  return [outX, outY];
+  return out;
+}
+
+/** `thinIndices` applied: [xs, ys] of the points to draw. */
+export function downsample(xs, ys, buckets, xmin = null, xmax = null) {
+  const idx = thinIndices(xs, ys, buckets, xmin, xmax);
+  return [idx.map((i) => xs[i]), idx.map((i) => ys[i])];
 }
 
 /** Equal-width histogram of the finite values: {edges, counts, min, max, n}. */
