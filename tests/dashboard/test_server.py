@@ -177,6 +177,20 @@ def test_history_then_live_events_exactly_once_and_resume_from_an_index(served):
     trainer.close()
 
 
+def test_the_websocket_refuses_compression(served):
+    """Deflating megabytes of JSON a second on loopback would only cost CPU the training shares."""
+    dash, web = served
+
+    async def negotiated() -> int:
+        async with aiohttp.ClientSession() as session:
+            async with session.ws_connect(f"ws://127.0.0.1:{web.port}/ws?token={web.token}", compress=15) as ws:
+                hello = json.loads((await ws.receive()).data)
+                assert hello["op"] == "hello"
+                return ws.compress
+
+    assert asyncio.run(negotiated()) == 0
+
+
 def test_commands_reply_with_data_or_code_and_message(served):
     dash, web = served
     url = f"ws://127.0.0.1:{web.port}/ws?token={web.token}"

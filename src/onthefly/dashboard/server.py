@@ -212,7 +212,9 @@ class WebDashboard:
             return web.Response(status=403, text=f"403 forbidden: {reason}\n")
         size = self.hub.size()
         start, reset = self._resume_point(request, size)
-        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=16 * 1024 * 1024)
+        # No permessage-deflate: on loopback, compressing megabytes of JSON a second only spends
+        # CPU on both ends (CPU the training shares).
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=16 * 1024 * 1024, compress=False)
         await ws.prepare(request)
         self.pages_open += 1
         try:
