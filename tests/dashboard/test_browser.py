@@ -151,14 +151,18 @@ def test_report_brush_fork_merge_export_and_switch(browser, tmp_path):
         wait_until(lambda: histogram.get_attribute("data-samples") == "256", WAIT, "the loss histogram")
         over = histogram.find_element(By.CSS_SELECTOR, ".u-over")
         width = over.size["width"]
-        ActionChains(browser).move_to_element_with_offset(over, int(-width * 0.2), 0).click_and_hold() \
-            .move_by_offset(int(width * 0.65), 0).release().perform()
+        # From inside the second of 40 bins to the right edge: the lowest loss (first bin) is
+        # left out and the highest is in, so 0 < count < 256 whatever the losses are.
+        start = int(-width * 0.46)
+        ActionChains(browser).move_to_element_with_offset(over, start, 0).click_and_hold() \
+            .move_by_offset(int(width / 2) - 1 - start, 0).release().perform()
         wait_until(lambda: browser.find_element(By.ID, "selection").is_displayed(), WAIT, "the brushed selection")
         count = int(text(browser, "sel-count"))
         lo = float(browser.find_element(By.ID, "sel-min").get_attribute("value"))
         hi = float(browser.find_element(By.ID, "sel-max").get_attribute("value"))
         region = live.dash.request("get_selected_region_indices", {"min_loss": lo, "max_loss": hi})
         assert region["count"] == count and 0 < count < 256, (lo, hi, count)
+        assert hi == js(browser, "onthefly.samples.hist.max")  # the brush reached the right edge
 
         type_into(browser, "fork-lr", "0.001")
         click(browser, "btn-fork")

@@ -6,7 +6,7 @@ terminal) or one plain line per interesting event, and read commands typed on st
 line. `onthefly dashboard` serves a web page instead (see onthefly.dashboard).
 
 Modules: `commands` (what you can type), `formatting` (event and reply lines), `views` (plain and
-rich output), `console` (the typed-command reader), `common` (what the subcommands share), `main`
+rich output), `console` (the typed-command reader), `common` (what the subcommands share), `program`
 (`listen`, `run`, the parser), `web` (`dashboard`). rich and the web
 server are imported only when used, so `import onthefly.cli` stays cheap.
 """
@@ -25,7 +25,7 @@ from .commands import (
 from .console import CommandConsole
 from .formatting import fmt_float, format_event, format_reply, format_train_step
 from .common import KEEP_EVENTS, exit_status, pump_events, script_argv, write_text_atomic
-from .main import build_parser, cmd_listen, cmd_run, main
+from .program import build_parser, cmd_listen, cmd_run, main
 from .web import cmd_dashboard
 from .views import PlainView, RichView, RunState, View, make_view
 

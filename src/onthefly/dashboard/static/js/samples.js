@@ -130,8 +130,11 @@ export class Samples {
 
   rangeFromSelect(u) {
     if (!u.select || u.select.width < 2) return;
-    const lo = Math.max(this.hist.min, u.posToVal(u.select.left, "x"));
-    const hi = Math.min(this.hist.max, u.posToVal(u.select.left + u.select.width, "x"));
+    const right = u.select.left + u.select.width;
+    const plotWidth = u.over.clientWidth;
+    // A brush that reaches an edge (within 3 px) means "from the lowest" / "up to the highest".
+    const lo = u.select.left <= 3 ? this.hist.min : Math.max(this.hist.min, u.posToVal(u.select.left, "x"));
+    const hi = right >= plotWidth - 3 ? this.hist.max : Math.min(this.hist.max, u.posToVal(right, "x"));
     this.setRange(lo, hi, false);
   }
 

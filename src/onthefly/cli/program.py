@@ -1,4 +1,4 @@
-"""The `onthefly` subcommands (`listen`, `run`, `dashboard`), the argument parser and `main`.
+"""The `onthefly` program: the `listen` and `run` subcommands, the argument parser (with `dashboard`) and `main`.
 
 `listen` waits for a training process over TCP, `run` starts a script over stdio; both show the
 terminal view and read typed commands. `dashboard` serves the web page; it imports the web
