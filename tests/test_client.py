@@ -67,8 +67,8 @@ class FakeTrainer:
         assert self.sock is not None
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:  # the dashboard already closed its end
-            pass
+        except OSError as exc:  # the dashboard already closed its end
+            print(f"fake trainer: shutdown: {exc}")
         self.sock.close()
         assert self.thread is not None
         if join:
