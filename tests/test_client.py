@@ -67,8 +67,8 @@ class FakeTrainer:
         assert self.sock is not None
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:  # the dashboard already closed its end
-            pass
+        except OSError as exc:  # the dashboard already closed its end
+            print(f"fake trainer: shutdown: {exc}")
         self.sock.close()
         assert self.thread is not None
         if join:
@@ -482,6 +482,32 @@ def test_on_event_callback_may_call_request(server, trainer):
     trainer.emit("paused", step=1)
     assert done.wait(WAIT)
     assert statuses == [{"step": 42, "epoch": 1, "paused": False}]
+
+
+def test_wait_callbacks_returns_once_every_delivered_event_was_dispatched(server, trainer):
+    seen: list[int] = []
+
+    def slow(event):
+        time.sleep(0.01)
+        seen.append(event["event_seq"])
+
+    server.on_event(slow)
+    for i in range(20):
+        trainer.emit("log", text=str(i))
+    server.wait_for_event(lambda e: e.get("event_seq") == 20, timeout=WAIT)
+    assert len(seen) < 20  # the callbacks trail delivery...
+    assert server.wait_callbacks(timeout=WAIT) is True
+    assert seen == list(range(1, 21))  # ...and have all run once wait_callbacks returns
+    assert DashboardServer(port=0).wait_callbacks() is True  # no callbacks: nothing to wait for
+
+
+def test_drop_connection_cuts_the_link_and_the_trainer_may_come_back(server, trainer):
+    assert server.drop_connection() is True
+    server.wait_disconnected(WAIT)
+    assert server.drop_connection() is False
+    trainer.connect()
+    server.wait_connected(WAIT)
+    assert server.connection_count == 2
 
 
 def test_keep_events_bounds_history_with_absolute_indices():
