@@ -202,16 +202,6 @@ def test_suffix_and_kind_must_match_what_the_command_writes(box: Sandbox):
         write("x.csv", "payload.out_path", kind="link")
 
 
-def test_the_deprecated_wire_path_helper_follows_the_same_rules(box: Sandbox):
-    wire = box.storage.resolve_wire_path
-    assert wire("~/Downloads/r.csv", field="out_path") == (box.home / "Downloads" / "r.csv").resolve()
-    assert "hidden file or folder '.bashrc'" in refused(wire, "~/.bashrc", field="out_path")
-    ckpt = box.outside / "m.pt"
-    ckpt.write_bytes(b"x")
-    assert wire(str(ckpt), field="init_ckpt", must_exist=True) == ckpt.resolve()
-    assert wire(str(box.temp / "fresh"), field="dir") == (box.temp / "fresh").resolve()
-
-
 # ---- names ---------------------------------------------------------------------------------------
 
 

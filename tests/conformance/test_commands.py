@@ -225,7 +225,7 @@ def test_bad_payloads_get_the_same_codes_and_training_continues(live, runtime, t
     cases = BAD_PAYLOADS + [("fork", {"selection": {"kind": "indices", "ids": [validation_index]}}, "bad_payload")]
     not_a_checkpoint = tmp_path / "notes.pt"
     not_a_checkpoint.write_text("hello")
-    cases.append(("load_ckpt", {"path": str(not_a_checkpoint)}, "failed"))
+    cases.append(("load_ckpt", {"path": str(not_a_checkpoint)}, "bad_payload"))
     before = dash.request("status")
     for cmd, payload, code in cases:
         err = dash.error(cmd, payload)

@@ -70,7 +70,7 @@ def test_load_ckpt_restores_weights_and_step(tmp_path):
     corrupt = Path(saved["path"]).with_name("corrupt.pt")
     corrupt.write_bytes(b"not a checkpoint")
     bad = dash.reply(dash.send("load_ckpt", {"path": str(corrupt)}))
-    assert bad["code"] == "failed" and "corrupt.pt" in bad["error"]
+    assert bad["code"] == "bad_payload" and "corrupt.pt" in bad["error"]
     dash.request("stop")
     thread.join(20)
 

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..control.errors import CommandError, ErrorCode
+from ..fileio import atomic_copy, make_dirs
 from .command import command
+
+
+ARCHIVES = (".tar", ".tar.gz", ".tgz")
 
 
 @dataclass
@@ -26,8 +30,9 @@ class BundleMixin:
     """Exports of the whole session (no state of its own)."""
 
     def export_folder(self, requested: str | None, default_name: str) -> Path:
+        """Where an export goes: the folder the dashboard chose (checked), else the session's exports."""
         if requested:
-            return self.storage.resolve_wire_path(requested, field="dir")
+            return self.storage.resolve_write_path(requested, "payload.dir", kind="dir")
         return self.storage.exports / default_name
 
     @command("prepare_export", PrepareExport, mutating=True, description="checkpoint and write a session bundle")
@@ -35,12 +40,17 @@ class BundleMixin:
         from ..session_bundle import export_session
 
         ckpt = {"path": self.save_checkpoint_now(), "run": self.cfg.run_name, "step": self.state.step}
-        self.bus.flush(timeout=10)
+        self.bus.flush(timeout=10, wire=False)  # the event log on disk; a stalled dashboard must not delay it
         self.flush_manifests()
-        name = f"bundle-{self.session_id}-step{self.state.step}" + (".tar.gz" if p.archive else "")
-        out = self.export_folder(p.dir, name)
-        if p.dir and not out.name.endswith((".tar", ".tar.gz", ".tgz")):
-            out = out / name  # `dir` is a folder to put the bundle in
+        if p.dir and p.dir.endswith(ARCHIVES):  # `dir` names the archive itself
+            out = self.storage.resolve_write_path(p.dir, "payload.dir", suffixes=ARCHIVES)
+        else:
+            suffix = ".tar.gz" if p.archive else ""
+            base = f"bundle-{self.session_id}-step{self.state.step}"
+            folder = self.export_folder(p.dir, "") if p.dir else self.storage.exports
+            out, n = folder / f"{base}{suffix}", 2
+            while out.exists():  # an earlier export at this step: never overwrite it
+                out, n = folder / f"{base}-{n}{suffix}", n + 1
         bundle = export_session(self.storage.folder, out, latest_only=p.latest_only)
         self.emit("artifact_created", run_id=self.cfg.run_name, path=str(bundle), kind="session_bundle")
         return {"ckpt": ckpt, "snapshots": [], "bundle": str(bundle)}
@@ -48,13 +58,15 @@ class BundleMixin:
     @command("spill_all", PrepareExport, mutating=True, description="copy every run's checkpoints into a folder")
     def cmd_spill_all(self, p: PrepareExport) -> list[dict[str, Any]]:
         out = self.export_folder(p.dir, f"spill-{self.session_id}")
-        out.mkdir(parents=True, exist_ok=True)
+        make_dirs(out)
         copied = []
         for run_id in self.known_runs():
             infos = self.ring(run_id).list()
             for info in infos[-1:] if p.latest_only else infos:
                 target = out / f"{run_id}__step{info.step}.pt"
-                shutil.copy2(info.path, target)
+                if p.dir:
+                    target = self.storage.resolve_write_path(str(target), "payload.dir", suffixes=(".pt",))
+                atomic_copy(info.path, target)
                 copied.append({"run": run_id, "step": info.step, "path": str(target)})
         return copied
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 
@@ -23,9 +23,11 @@ from ..checkpoints import (
     CheckpointWriter,
     capture_rng_state,
     load_checkpoint,
+    read_meta,
     restore_rng_state,
     snapshot_to_host,
 )
+from ..control.constraints import SafeName
 from ..control.errors import CommandError, ErrorCode
 from .command import command
 
@@ -67,7 +69,7 @@ class LoadCkpt:
 
 @dataclass
 class ListCheckpoints:
-    run_id: Optional[str] = field(default=None, metadata={"aliases": ("runId",)})
+    run_id: Optional[Annotated[str, SafeName]] = field(default=None, metadata={"aliases": ("runId",)})
 
 
 class CheckpointMixin:
@@ -195,6 +197,19 @@ class CheckpointMixin:
         return last.future
 
     # ---- loading ---------------------------------------------------------------------------
+    def wire_checkpoint(self, value: str, field: str) -> Path:
+        """A checkpoint path from the wire: any readable file that holds a checkpoint we can load.
+
+        Reads are allowed anywhere (loading is weights-only); a file that is not a checkpoint —
+        or holds objects onthefly will not unpickle — is `bad_payload` naming the field.
+        """
+        path = self.storage.resolve_read_path(value, field)
+        try:
+            read_meta(path)
+        except CheckpointError as exc:
+            raise CommandError(f"{field}: {exc}", ErrorCode.BAD_PAYLOAD) from exc
+        return path
+
     def load_checkpoint_into_state(self, path: str | Path, *, restore_rng: bool = True) -> dict[str, Any]:
         """Load a checkpoint into the live objects; the loop repositions after (same step, same batch)."""
         self.await_snapshot_copy()
@@ -302,7 +317,7 @@ class CheckpointMixin:
 
     @command("load_ckpt", LoadCkpt, mutating=True, description="load a checkpoint into the live run")
     def cmd_load_ckpt(self, p: LoadCkpt) -> dict[str, Any]:
-        path = self.storage.resolve_wire_path(p.path, field="path", must_exist=True)
+        path = self.wire_checkpoint(p.path, "payload.path")
         info = self.load_checkpoint_into_state(path)
         self.emit("checkpoint_loaded", path=str(path), step=info["step"])
         return info

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
+from ..control.constraints import SafeName
 from .command import command
 
 
@@ -32,7 +33,7 @@ class EnforceVersion:
 @dataclass
 class ResetSession:
     reason: str = "manual"
-    run_name: Optional[str] = None
+    run_name: Optional[Annotated[str, SafeName]] = None
     dedupe: bool = True
 
 

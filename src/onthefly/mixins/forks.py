@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
 
 from ..checkpoints import load_checkpoint
+from ..control.constraints import Length, Range, SafeName
 from ..control.errors import CommandError, ErrorCode
 from . import selection as rules
 from .command import command
@@ -33,45 +34,40 @@ class Region:
 @dataclass
 class Selection:
     kind: Literal["indices", "quantile", "kmeans", "region"] = "indices"
-    ids: Optional[list[int]] = None
-    metric: str = "per_sample_loss"
+    ids: Optional[Annotated[list[Annotated[int, Range(ge=0)]], Length(max=50_000_000)]] = None
+    metric: Literal["per_sample_loss"] = "per_sample_loss"
     from_: Optional[float] = field(default=None, metadata={"aliases": ("from",)})
     to: Optional[float] = None
-    k: int = 5
-    target_clusters: Optional[list[int]] = None
+    k: Annotated[int, Range(ge=1, le=10_000)] = 5
+    target_clusters: Optional[list[Annotated[int, Range(ge=0)]]] = None
     feature: str = "loss"
     minLoss: Optional[float] = field(default=None, metadata={"aliases": ("min_loss",)})
     maxLoss: Optional[float] = field(default=None, metadata={"aliases": ("max_loss",)})
 
 
+PositiveFloat = Annotated[float, Range(gt=0, le=1e6)]
+Count = Annotated[int, Range(ge=1, le=10**12)]
+
+
 @dataclass
 class ForkHparams:
-    lr: Optional[float] = None
-    lr_mul: Optional[float] = None
-    wd_mul: Optional[float] = None
-    batch_size: Optional[int] = None
-    patience: Optional[int] = None
-    max_steps: Optional[int] = None
-    epochs: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "lr_mul", "wd_mul"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"hparams.{name} must be > 0, got {value}")
-        for name in ("batch_size", "max_steps", "epochs", "patience"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"hparams.{name} must be >= 1, got {value}")
+    lr: Optional[PositiveFloat] = None
+    lr_mul: Optional[PositiveFloat] = None
+    wd_mul: Optional[PositiveFloat] = None
+    batch_size: Optional[Count] = None
+    patience: Optional[Count] = None
+    max_steps: Optional[Count] = None
+    epochs: Optional[Count] = None
 
 
 @dataclass
 class Fork:
     mode: str = "manual"
     allow_when_paused: Optional[bool] = None
-    parent_run_id: Optional[str] = field(default=None, metadata={"aliases": ("owner_run_id", "runId")})
+    parent_run_id: Optional[Annotated[str, SafeName]] = field(default=None,
+                                                              metadata={"aliases": ("owner_run_id", "runId")})
     parent_ckpt_path: Optional[str] = None
-    run_name: Optional[str] = None
+    run_name: Optional[Annotated[str, SafeName]] = None
     hparams: Optional[ForkHparams] = None
     selection: Optional[Selection] = None
     region: Optional[Region] = None
@@ -178,7 +174,7 @@ class ForkMixin:
     def parent_checkpoint(self, parent: str, requested: str | None) -> Any:
         """The checkpoint the child starts from; None means the current run's live state."""
         if requested:
-            return self.storage.resolve_wire_path(requested, field="parent_ckpt_path", must_exist=True)
+            return self.wire_checkpoint(requested, "payload.parent_ckpt_path")
         if parent == self.cfg.run_name:
             return None
         latest = self.ring(parent).latest()

@@ -12,10 +12,11 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import torch
 
+from ..control.constraints import Length, Range
 from ..control.errors import CommandError, ErrorCode
 from .command import command
 
@@ -26,14 +27,14 @@ MAX_MAGNITUDE = float(torch.finfo(torch.float32).max)
 
 @dataclass
 class SetHparams:
-    lr: Optional[float] = None
-    weight_decay: Optional[float] = None
-    momentum: Optional[float] = None
-    betas: Optional[list[float]] = None
-    eps: Optional[float] = None
-    dampening: Optional[float] = None
-    grad_clip_norm: Optional[float] = None
-    param_group: Optional[int] = field(default=None, metadata={"aliases": ("group",)})
+    lr: Optional[Annotated[float, Range(ge=0)]] = None
+    weight_decay: Optional[Annotated[float, Range(ge=0)]] = None
+    momentum: Optional[Annotated[float, Range(ge=0)]] = None
+    betas: Optional[Annotated[list[Annotated[float, Range(ge=0, lt=1)]], Length(min=2, max=2)]] = None
+    eps: Optional[Annotated[float, Range(ge=0)]] = None
+    dampening: Optional[Annotated[float, Range(ge=0)]] = None
+    grad_clip_norm: Optional[Annotated[float, Range(ge=0)]] = None
+    param_group: Optional[Annotated[int, Range(ge=0)]] = field(default=None, metadata={"aliases": ("group",)})
 
 
 def check_number(name: str, value: float) -> float:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from .._version import __version__
 from ..control.bus import events_since_page
+from ..control.constraints import Range
 from .command import command
 
 
@@ -21,14 +22,8 @@ class NoPayload:
 
 @dataclass
 class EventsSince:
-    event_seq: int = 0
-    limit: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.event_seq < 0:
-            raise ValueError(f"event_seq must be >= 0, got {self.event_seq}")
-        if not 1 <= self.limit <= 10_000:
-            raise ValueError(f"limit must be in 1..10000, got {self.limit}")
+    event_seq: Annotated[int, Range(ge=0)] = 0
+    limit: Annotated[int, Range(ge=1, le=10_000)] = 1000
 
 
 @dataclass

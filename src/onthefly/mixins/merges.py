@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import torch
 
 from ..checkpoints import load_checkpoint
+from ..control.constraints import Length, Range, SafeName
 from ..control.errors import CommandError, ErrorCode
 from .command import command
 
@@ -23,23 +24,15 @@ MergeStrategy = Literal["swa", "fisher", "adapter", "task_arithmetic", "ties", "
 
 @dataclass
 class Merge:
-    parents: Optional[list[str]] = None
+    parents: Optional[Annotated[list[Annotated[str, SafeName]], Length(max=64)]] = None
     strategy: MergeStrategy = "swa"
-    paths: Optional[list[str]] = None
-    new_name: Optional[str] = None
-    weights: Optional[list[float]] = None
-    fisher_batches: int = 16
-    density: float = 0.2
-    scale: float = 1.0
-    distill_steps: int = 100
-
-    def __post_init__(self) -> None:
-        if self.fisher_batches < 1:
-            raise ValueError(f"fisher_batches must be >= 1, got {self.fisher_batches}")
-        if self.distill_steps < 1:
-            raise ValueError(f"distill_steps must be >= 1, got {self.distill_steps}")
-        if not 0.0 < self.density <= 1.0:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+    paths: Optional[Annotated[list[str], Length(max=64)]] = None
+    new_name: Optional[Annotated[str, SafeName]] = None
+    weights: Optional[list[Annotated[float, Range(ge=0, le=1e6)]]] = None
+    fisher_batches: Annotated[int, Range(ge=1, le=100_000)] = 16
+    density: Annotated[float, Range(gt=0, le=1)] = 0.2
+    scale: Annotated[float, Range(ge=-1e3, le=1e3)] = 1.0
+    distill_steps: Annotated[int, Range(ge=1, le=1_000_000)] = 100
 
 
 class MergeMixin:
@@ -114,7 +107,7 @@ class MergeMixin:
     def merge_inputs(self, p: Merge) -> tuple[list[str], list[Path]]:
         """(parent run names, their checkpoint paths)."""
         if p.paths:
-            paths = [self.storage.resolve_wire_path(x, field="paths", must_exist=True) for x in p.paths]
+            paths = [self.wire_checkpoint(x, f"payload.paths[{i}]") for i, x in enumerate(p.paths)]
             parents = list(p.parents) if p.parents and len(p.parents) == len(paths) else [x.stem for x in paths]
             return parents, paths
         parents = list(dict.fromkeys(p.parents or []))

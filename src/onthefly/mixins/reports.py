@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import numpy as np
 import torch
 
 from ..checkpoints import load_checkpoint
+from ..control.constraints import Length, Range, SafeName
 from ..control.errors import CommandError, ErrorCode
 from .command import command
 
@@ -41,17 +42,17 @@ class Report:
     covers_training_set: bool
 
 
+RunId = Annotated[str, SafeName]
+Indices = Annotated[list[Annotated[int, Range(ge=0)]], Length(max=50_000_000)]
+
+
 @dataclass
 class GenerateReport:
-    owner_run_id: Optional[str] = field(default=None, metadata={"aliases": ("runId", "run_id")})
-    subset_indices: Optional[list[int]] = None
+    owner_run_id: Optional[RunId] = field(default=None, metadata={"aliases": ("runId", "run_id")})
+    subset_indices: Optional[Indices] = None
     subset_on: Split = "val"
     reqId: Any = None
-    batch_size: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+    batch_size: Optional[Annotated[int, Range(ge=1, le=1_000_000)]] = None
 
 
 @dataclass
@@ -62,9 +63,9 @@ class Region:
 
 @dataclass
 class ExportSubset:
-    run_id: Optional[str] = field(default=None, metadata={"aliases": ("runId",)})
+    run_id: Optional[RunId] = field(default=None, metadata={"aliases": ("runId",)})
     format: ExportFormat = "parquet"
-    subset_indices: Optional[list[int]] = None
+    subset_indices: Optional[Indices] = None
     out_path: Optional[str] = None
     region: Optional[Region] = None
     subset_on: Optional[Split] = None
@@ -72,7 +73,7 @@ class ExportSubset:
 
 @dataclass
 class SelectedRegion:
-    run_id: Optional[str] = field(default=None, metadata={"aliases": ("runId",)})
+    run_id: Optional[RunId] = field(default=None, metadata={"aliases": ("runId",)})
     min_loss: Optional[float] = field(default=None, metadata={"aliases": ("minLoss",)})
     max_loss: Optional[float] = field(default=None, metadata={"aliases": ("maxLoss",)})
     subset_on: Optional[Split] = None
@@ -80,17 +81,11 @@ class SelectedRegion:
 
 @dataclass
 class ProposeSubsets:
-    run_id: Optional[str] = field(default=None, metadata={"aliases": ("runId",)})
-    k: int = 5
-    top_k: Optional[int] = None
+    run_id: Optional[RunId] = field(default=None, metadata={"aliases": ("runId",)})
+    k: Annotated[int, Range(ge=1, le=10_000)] = 5
+    top_k: Optional[Annotated[int, Range(ge=1, le=10_000)]] = None
     subset_on: Split = "train"
     with_indices: bool = True
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {self.top_k}")
 
 
 class ReportsMixin:
@@ -229,10 +224,9 @@ class ReportsMixin:
         except CommandError:
             losses = None
         if p.out_path:
-            out = self.storage.resolve_wire_path(p.out_path, field="out_path")
+            out = self.storage.resolve_write_path(p.out_path, "payload.out_path", suffixes=(f".{p.format}",))
         else:
             out = self.storage.exports / f"{run_id}-subset.{p.format}"
-        out.parent.mkdir(parents=True, exist_ok=True)
         result = export_subset_table(dataset, indices, out, format=p.format, losses=losses)
         self.emit("artifact_created", run_id=run_id, path=str(result.path), rows=result.rows, format=result.format)
         self.log(f"[export] {result.rows} rows -> {result.path}")

@@ -13,11 +13,12 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 from ..control.errors import CommandError, ErrorCode
 from ..fileio import atomic_write
-from ..session.storage import safe_component
+from ..control.constraints import Range, SafeName
+from ..control.names import check_safe_name
 from .command import command
 
 
@@ -41,19 +42,22 @@ class NoPayload:
     """No payload fields (extra keys are ignored)."""
 
 
+Counter = Annotated[int, Range(ge=0, le=10**9)]
+
+
 @dataclass
 class CounterSeeds:
-    fork_counter_init: int = 0
-    merge_counter_init: int = 0
+    fork_counter_init: Counter = 0
+    merge_counter_init: Counter = 0
 
 
 @dataclass
 class SwitchRun:
-    run_id: Optional[str] = field(default=None, metadata={"aliases": ("runId",)})
-    fork_counter_init: Optional[int] = None
-    merge_counter_init: Optional[int] = None
+    run_id: Optional[Annotated[str, SafeName]] = field(default=None, metadata={"aliases": ("runId",)})
+    fork_counter_init: Optional[Counter] = None
+    merge_counter_init: Optional[Counter] = None
     init_ckpt: Optional[str] = field(default=None, metadata={"aliases": ("ckpt",)})
-    init_step: Optional[int] = None
+    init_step: Optional[Annotated[int, Range(ge=0)]] = None
 
 
 def write_manifest(path: Path, text: str) -> None:
@@ -128,11 +132,11 @@ class RunsMixin:
 
     # ---- names -------------------------------------------------------------------------------
     def known_runs(self) -> list[str]:
-        return sorted(set(self.runs.manifests) | set(self.storage.run_ids()))
+        return sorted(set(list(self.runs.manifests)) | set(self.storage.run_ids()))
 
     def unique_run_name(self, wanted: str, *, dedupe: bool = True) -> str:
-        """`wanted` made file-system safe, with `-2`, `-3`, ... appended while it is taken."""
-        base = safe_component(wanted)
+        """`wanted` (a safe name), with `-2`, `-3`, ... appended while it is taken."""
+        base = check_safe_name(wanted, "run_name")
         if not dedupe:
             return base
         taken = set(self.known_runs())
@@ -156,7 +160,7 @@ class RunsMixin:
         """The name of a new fork/merge run: the requested one (must be free) or the next counter."""
         if requested is None:
             return self.next_run_name(kind)
-        name = safe_component(requested)
+        name = check_safe_name(requested, "run_name")
         if name in self.known_runs() or name == self.cfg.run_name:
             raise CommandError(f"a run named {name!r} exists already; choose another name", ErrorCode.BAD_PAYLOAD)
         return name
@@ -205,18 +209,23 @@ class RunsMixin:
         subset = (self.read_manifest(run_id) or {}).get("subset_indices")
         return list(subset) if subset is not None else None
 
-    def announcements(self) -> list[tuple[str, dict[str, Any]]]:
-        """`session_started` and a `newRun` for every run, parents first: what a fresh dashboard needs."""
-        if not self.lifecycle.started:
+    def announcements(self) -> list[dict[str, Any]]:
+        """`session_started` and a `newRun` for every run, parents first: what a fresh dashboard needs.
+
+        Sent (by the bus, on its sender thread) at the start of every dashboard connection after
+        the first: a dashboard that wiped its state rebuilds the run list from them. Before any
+        event reached a dashboard the replay from the first event carries the originals instead.
+        """
+        if not self.lifecycle.started or self.bus.sent_seq < 1:
             return []
-        out: list[tuple[str, dict[str, Any]]] = [
-            ("session_started", {"project": self.cfg.project, "run_name": self.runs.initial_name}),
-        ]
+        out: list[dict[str, Any]] = [{"type": "session_started", "project": self.cfg.project,
+                                      "run_name": self.runs.initial_name, "announced": True}]
         manifests = {r: self.read_manifest(r) or {} for r in self.known_runs()}
         for run_id in sorted(manifests, key=lambda r: manifests[r].get("created", 0.0)):
             manifest = manifests[run_id]
             meta = manifest.get("meta") or {"kind": manifest.get("kind", "root")}
-            out.append(("newRun", self.new_run_fields(run_id, manifest.get("parents") or [], meta)))
+            out.append({"type": "newRun", **self.new_run_fields(run_id, manifest.get("parents") or [], meta),
+                        "announced": True})
         return out
 
     # ---- commands ----------------------------------------------------------------------------
@@ -265,11 +274,9 @@ class RunsMixin:
         nothing is held, so the next `train()` continues the run at once.
         """
         run_id = p.run_id or self.cfg.run_name
-        if p.run_id is not None:
-            run_id = safe_component(p.run_id)
         ckpt = None
         if p.init_ckpt:
-            ckpt = self.storage.resolve_wire_path(p.init_ckpt, field="init_ckpt", must_exist=True)
+            ckpt = self.wire_checkpoint(p.init_ckpt, "payload.init_ckpt")
         elif run_id != self.cfg.run_name and run_id not in self.known_runs():
             raise CommandError(f"unknown run {run_id!r} and no init_ckpt given", ErrorCode.NOT_FOUND)
         if self.state.training:

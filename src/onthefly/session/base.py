@@ -126,6 +126,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         for attr, declaration in declared_commands(type(self)):
             self.router.register(declaration.name, wire_handler(getattr(self, attr)), schema=declaration.schema,
                                  mutating=declaration.mutating, description=declaration.description)
+        self.bus.set_connect_announcer(self.announcements)
         self.bus.start()
         self.dispatcher.start()
 

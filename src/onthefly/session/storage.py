@@ -223,17 +223,6 @@ class SessionStorage:
             self._check_dir(real, field, shown, where)
         return real
 
-    def resolve_wire_path(self, value: str, *, field: str, must_exist: bool = False) -> Path:
-        """Deprecated: `resolve_read_path` when `must_exist`, else `resolve_write_path`.
-
-        Kept only until every handler calls the two explicit functions; `field` is the bare
-        payload key here (`"out_path"`), and a write is a folder when the key is `dir`.
-        """
-        label = f"payload.{field}"
-        if must_exist:
-            return self.resolve_read_path(value, label)
-        return self.resolve_write_path(value, label, kind="dir" if field == "dir" else "file")
-
     # ---- the rules ------------------------------------------------------------------------
     def _refuse_denied(self, real: Path, field: str, shown: str) -> None:
         temps = temp_roots()

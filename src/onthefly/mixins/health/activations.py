@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from ...data_explorer import analysis_mode, move_to_device
+from ...control.constraints import Range
 from ..command import command
 from .common import (
     batch_samples,
-    check_min,
     fmt,
     forward_batch,
     health_loader,
@@ -32,15 +32,9 @@ ACTIVATION_ISSUE_FRAC = 0.5
 
 @dataclass
 class ActivationsHealth:
-    budget_steps: int = 2
-    topk: int = 10
-    eps: float = 1e-3
-
-    def __post_init__(self) -> None:
-        check_min("budget_steps", self.budget_steps, 1)
-        check_min("topk", self.topk, 1)
-        if not (math.isfinite(self.eps) and 0.0 <= self.eps < 0.5):
-            raise ValueError(f"eps must be a number in [0, 0.5), got {self.eps}")
+    budget_steps: Annotated[int, Range(ge=1, le=10_000)] = 2
+    topk: Annotated[int, Range(ge=1, le=10_000)] = 10
+    eps: Annotated[float, Range(ge=0, lt=0.5)] = 1e-3
 
 # ---- activation statistics ---------------------------------------------------------------------
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -50,6 +44,7 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
 )
 
 ACTIVATION_NAME_HINTS = ("relu", "gelu", "silu", "swish", "mish", "sigmoid", "tanh", "softplus")
+
 
 def activation_bounds(module: nn.Module) -> tuple[float | None, float] | None:
     """The output range whose edges count as saturation, or None when the activation has none."""
@@ -72,6 +67,7 @@ def activation_bounds(module: nn.Module) -> tuple[float | None, float] | None:
         return -1.0, 1.0
     return None
 
+
 def is_activation(module: nn.Module) -> bool:
     """A known activation class, or a leaf module whose class name says it is one."""
     if isinstance(module, ACTIVATION_TYPES):
@@ -80,6 +76,7 @@ def is_activation(module: nn.Module) -> bool:
         return False
     name = type(module).__name__.lower()
     return any(hint in name for hint in ACTIVATION_NAME_HINTS)
+
 
 class LayerStats:
     """Running statistics of one activation module's outputs, kept on the device until `summary`.
@@ -146,6 +143,7 @@ class LayerStats:
                 "zero_frac": zero_frac, "sat_frac": sat_frac, "dead_frac": dead,
                 "mean": mean, "std": std, "score": score}
 
+
 def activations_report(session: Any, model: nn.Module, loader: Any, source: str,
                        p: ActivationsHealth) -> dict[str, Any]:
     layers = [(name, m) for name, m in model.named_modules() if name and is_activation(m)]
@@ -202,7 +200,8 @@ def activations_report(session: Any, model: nn.Module, loader: Any, source: str,
 
 
 class ActivationsHealthMixin:
-    @command("activations_health", ActivationsHealth, mutating=True, description="dead, zero and saturated units of activation layers")
+    @command("activations_health", ActivationsHealth, mutating=True,
+             description="dead, zero and saturated units of activation layers")
     def cmd_activations_health(self, p: ActivationsHealth) -> dict[str, Any]:
         model = health_model(self)
         loader, source = health_loader(self)  # checked before any hook exists

@@ -19,11 +19,6 @@ from ...sampler_utils import EpochSeededRandomSampler, has_custom_batch_sampler
 T = TypeVar("T")
 
 # ---- payloads -------------------------------------------------------------------------------------
-def check_min(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-
-# ---- helpers shared by the probes ----------------------------------------------------------------
 def evenly_spaced(items: Sequence[T], k: int) -> list[T]:
     """Up to `k` items spread evenly over `items`, first and last included; all when k >= len."""
     n = len(items)
@@ -33,16 +28,19 @@ def evenly_spaced(items: Sequence[T], k: int) -> list[T]:
         return [items[0]]
     return [items[(i * (n - 1)) // (k - 1)] for i in range(k)]
 
+
 def upper_median(values: Sequence[float]) -> float | None:
     """The upper median (the element at len//2 once sorted), None for no values."""
     if not values:
         return None
     return sorted(values)[len(values) // 2]
 
+
 def sync_device(device: torch.device) -> None:
     """Wait for queued kernels so a wall-clock timing covers them (CUDA only)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
 
 def forward_batch(model: Any, batch: Any) -> Any:
     """The model's outputs on a batch: `model(x)` for `(x, y)`, else the explorer's input probing."""
@@ -50,10 +48,12 @@ def forward_batch(model: Any, batch: Any) -> Any:
         return model(batch[0])
     return call_model(model, batch)
 
+
 def needs_input_probe(model: Any, batch: Any) -> bool:
     """True when `forward_batch` would still have to try several ways of calling the model."""
     fast = isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0])
     return not fast and cache_for(model).inputs is None
+
 
 def loader_generators(loader: Any) -> list[torch.Generator]:
     """The distinct torch generators a loader and its samplers draw from."""
@@ -65,6 +65,7 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
         if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
             found.append(gen)
     return found
+
 
 def loader_samplers(loader: Any) -> list[Any]:
     """The distinct sampler objects of a loader (sampler, batch sampler, the batch sampler's sampler)."""
@@ -88,6 +89,7 @@ def untouched_loader(loader: Any) -> Iterator[None]:
         for s, state in ours:
             s.load_state_dict(state)
 
+
 def probe_batches(loader: Any, limit: int) -> Iterator[Any]:
     """Up to `limit` batches from a fresh iterator over `loader` (use inside `untouched_loader`)."""
     if isinstance(loader, Iterator):
@@ -105,18 +107,22 @@ def probe_batches(loader: Any, limit: int) -> Iterator[Any]:
     finally:
         del iterator  # a multi-process iterator shuts its workers down when released
 
+
 def fmt(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
 
 def health_text(session: Any, title: str, lines: Sequence[str]) -> str:
     """The report every health reply carries as `text`."""
     head = [f"Run: {session.cfg.run_name}", f"Step: {session.state.step} | Epoch: {session.state.epoch}", f"{title}:"]
     return "\n".join(head + [f"  {line}" for line in lines])
 
+
 def health_model(session: Any) -> nn.Module:
     if session.model is None:
         raise CommandError("no model is bound to the session yet", ErrorCode.NOT_FOUND)
     return session.model
+
 
 def health_loader(session: Any) -> tuple[Any, str]:
     """The loader probes read: the validation loader, else the user's training loader."""
@@ -128,8 +134,10 @@ def health_loader(session: Any) -> tuple[Any, str]:
     raise CommandError("no validation or training loader is configured for this session",
                        ErrorCode.NOT_FOUND)
 
+
 def in_health_window(session: Any, check: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     return session.console.pause_window({"action": "health", "check": check}, fn, checkpoint=False)
+
 
 def train_sampler_of(loader: Any) -> Any:
     """The sampler that orders a loader's samples (inside a standard batch sampler when there is one)."""
@@ -139,8 +147,10 @@ def train_sampler_of(loader: Any) -> Any:
         return getattr(loader.batch_sampler, "sampler", loader.batch_sampler)
     return loader.sampler
 
+
 def has_state(obj: Any) -> bool:
     return obj is not None and callable(getattr(obj, "state_dict", None))
+
 
 def batch_samples(batch: Any) -> int:
     """Samples in a batch; 0 when it has no leading batch dimension to count."""

@@ -20,6 +20,7 @@ from .common import has_state, health_text, in_health_window, loader_samplers, t
 class DeterminismHealth:
     """No fields (extra keys are ignored)."""
 
+
 def determinism_report(session: Any) -> dict[str, Any]:
     notes: list[str] = []
     ok = True
@@ -105,6 +106,7 @@ def determinism_report(session: Any) -> dict[str, Any]:
     reply["text"] = health_text(session, "Determinism health", lines + notes)
     return reply
 
+
 def user_order_notes(loader: Any, sampler: Any, notes: list[str]) -> bool:
     """Notes on a loader whose order the session leaves alone; False when resume cannot be exact."""
     if not isinstance(loader, DataLoader):
@@ -145,6 +147,7 @@ def user_order_notes(loader: Any, sampler: Any, notes: list[str]) -> bool:
 
 
 class DeterminismHealthMixin:
-    @command("determinism_health", DeterminismHealth, mutating=True, description="whether the run can resume bit-exactly, and why not")
+    @command("determinism_health", DeterminismHealth, mutating=True,
+             description="whether the run can resume bit-exactly, and why not")
     def cmd_determinism_health(self, p: DeterminismHealth) -> dict[str, Any]:
         return in_health_window(self, "determinism_health", lambda: determinism_report(self))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
+from ...control.constraints import Range
 from ..command import command
-from .common import check_min, evenly_spaced, health_model, health_text, in_health_window
+from .common import evenly_spaced, health_model, health_text, in_health_window
 
 WEIGHT_SAMPLE_ELEMENTS = 1024
 
@@ -19,15 +20,14 @@ WEIGHT_SAMPLE_ELEMENTS = 1024
 @dataclass
 class DistHealth:
     require_all_ranks: bool = False
-    sample_weights: int = 0
+    sample_weights: Annotated[int, Range(ge=0, le=100_000)] = 0
 
-    def __post_init__(self) -> None:
-        check_min("sample_weights", self.sample_weights, 0)
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw bytes of a tensor's values (any dtype), for hashing."""
     flat = t.detach().reshape(-1).contiguous().cpu()
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
 
 def metadata_hash(model: nn.Module) -> str:
     """sha256 over `P|name|shape|dtype` and `B|name|shape|dtype` records, names sorted."""
@@ -36,6 +36,7 @@ def metadata_hash(model: nn.Module) -> str:
         for name, t in sorted(named, key=lambda kv: kv[0]):
             h.update(f"{tag}|{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
     return h.hexdigest()
+
 
 def sampled_weights_hash(model: nn.Module, k: int) -> tuple[str, list[str]]:
     """sha256 over up to 1024 evenly spaced values of `k` trainable parameters (by sorted name)."""
@@ -55,6 +56,7 @@ def sampled_weights_hash(model: nn.Module, k: int) -> tuple[str, list[str]]:
         h.update(name.encode() + b"\0" + tensor_bytes(picked))
     return h.hexdigest(), [name for name, _ in chosen]
 
+
 def is_fsdp(model: nn.Module) -> bool:
     """Whether any module is a fully sharded wrapper (FSDP1 or FSDP2), by class name."""
     for m in model.modules():
@@ -62,6 +64,7 @@ def is_fsdp(model: nn.Module) -> bool:
         if "fullysharded" in name or "fsdp" in name:
             return True
     return False
+
 
 def dist_report(session: Any, model: nn.Module, p: DistHealth) -> dict[str, Any]:
     import torch.distributed as dist
@@ -107,7 +110,8 @@ def dist_report(session: Any, model: nn.Module, p: DistHealth) -> dict[str, Any]
 
 
 class DistHealthMixin:
-    @command("dist_health", DistHealth, mutating=True, description="distributed setup and this rank's parameter metadata hash")
+    @command("dist_health", DistHealth, mutating=True,
+             description="distributed setup and this rank's parameter metadata hash")
     def cmd_dist_health(self, p: DistHealth) -> dict[str, Any]:
         model = health_model(self)
         return in_health_window(self, "dist_health", lambda: dist_report(self, model, p))

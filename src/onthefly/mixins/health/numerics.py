@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
 import torch
 from torch import nn
 
+from ...control.constraints import Range
 from ..command import command
-from .common import check_min, evenly_spaced, health_model, health_text, in_health_window
+from .common import evenly_spaced, health_model, health_text, in_health_window
 
 MAX_TEXT_PROBLEMS = 40
 
 
 @dataclass
 class NumericsHealth:
-    sample_layers: int = 25
+    sample_layers: Annotated[int, Range(ge=1, le=100_000)] = 25
 
-    def __post_init__(self) -> None:
-        check_min("sample_layers", self.sample_layers, 1)
 
 def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
     """(NaN count, Inf count) for each tensor; one host transfer per device."""
@@ -37,6 +36,7 @@ def nonfinite_counts(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
             for (i, _), (nan, inf) in zip(items, stacked):
                 results[i] = (int(nan), int(inf))
     return results
+
 
 def scaler_overflow_sum(scaler: Any, optimizers: Sequence[Any]) -> tuple[float | None, str]:
     """How many of the GradScaler's per-device found-inf flags are set for the current grads.
@@ -86,6 +86,7 @@ def scaler_overflow_sum(scaler: Any, optimizers: Sequence[Any]) -> tuple[float |
         return total, "found-inf flags from the GradScaler's check of the current grads"
     return total, "found-inf flags the GradScaler recorded for the step in flight"
 
+
 def numerics_report(session: Any, model: nn.Module, p: NumericsHealth) -> dict[str, Any]:
     params = evenly_spaced(sorted(model.named_parameters(), key=lambda kv: kv[0]), p.sample_layers)
     buffers = evenly_spaced(sorted(model.named_buffers(), key=lambda kv: kv[0]), p.sample_layers)
@@ -133,7 +134,8 @@ def numerics_report(session: Any, model: nn.Module, p: NumericsHealth) -> dict[s
 
 
 class NumericsHealthMixin:
-    @command("numerics_health", NumericsHealth, mutating=True, description="NaN/Inf in parameters, grads and buffers; AMP overflow")
+    @command("numerics_health", NumericsHealth, mutating=True,
+             description="NaN/Inf in parameters, grads and buffers; AMP overflow")
     def cmd_numerics_health(self, p: NumericsHealth) -> dict[str, Any]:
         model = health_model(self)
         return in_health_window(self, "numerics_health", lambda: numerics_report(self, model, p))

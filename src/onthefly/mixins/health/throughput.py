@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 
 from ...data_explorer import analysis_mode, move_to_device
+from ...control.constraints import Range
 from ..command import command
 from .common import (
     batch_samples,
-    check_min,
     fmt,
     forward_batch,
     health_loader,
@@ -30,11 +30,9 @@ from .common import (
 
 @dataclass
 class ThroughputHealth:
-    budget_steps: int = 2
+    budget_steps: Annotated[int, Range(ge=1, le=10_000)] = 2
     micro_backward: bool = False
 
-    def __post_init__(self) -> None:
-        check_min("budget_steps", self.budget_steps, 1)
 
 def throughput_report(session: Any, model: nn.Module, loader: Any, source: str, p: ThroughputHealth) -> dict[str, Any]:
     device = session.resolve_device()
@@ -97,6 +95,7 @@ def throughput_report(session: Any, model: nn.Module, loader: Any, source: str, 
     reply["text"] = health_text(session, "Throughput health", lines + notes)
     return reply
 
+
 def time_backward(session: Any, model: nn.Module, params: list[torch.Tensor], batch: Any, device: torch.device,
                   bwd_ms: list[float], step_ms: list[float], notes: list[str]) -> bool:
     """Time one real forward+loss+backward (dropout on, norm statistics frozen); False to stop trying."""
@@ -125,7 +124,8 @@ def time_backward(session: Any, model: nn.Module, params: list[torch.Tensor], ba
 
 
 class ThroughputHealthMixin:
-    @command("throughput_health", ThroughputHealth, mutating=True, description="forward (and optionally backward) time per batch and sample")
+    @command("throughput_health", ThroughputHealth, mutating=True,
+             description="forward (and optionally backward) time per batch and sample")
     def cmd_throughput_health(self, p: ThroughputHealth) -> dict[str, Any]:
         model = health_model(self)
         loader, source = health_loader(self)
