@@ -14,8 +14,8 @@ import pytest
 
 from onthefly.control import ErrorCode, ProtocolError, UnsafeName, check_safe_name
 from onthefly.fileio import atomic_write
-from onthefly.session import storage
-from onthefly.session.storage import MARKER, SessionStorage, resolve_read_path, safe_component
+from onthefly import storage
+from onthefly.storage import MARKER, SessionStorage, resolve_read_path, safe_component
 
 
 class Sandbox:

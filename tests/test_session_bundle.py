@@ -15,7 +15,7 @@ import torch
 
 from onthefly.checkpoints import load_checkpoint, save_checkpoint
 from onthefly.control.eventlog import EventLog
-from onthefly.session.storage import SessionStorage
+from onthefly.storage import SessionStorage
 from onthefly.session_bundle import (
     BUNDLE_SCHEMA,
     BUNDLE_VERSION,

@@ -42,7 +42,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from onthefly import Trainer  # noqa: E402
 from onthefly.control import ErrorCode  # noqa: E402
-from onthefly.session import storage  # noqa: E402
+from onthefly import storage  # noqa: E402
 
 EXAMPLES_PER_COMMAND = 8  # batches of 1-3 requests of one command (plus junk lines)
 REPLY_TIMEOUT = 20.0

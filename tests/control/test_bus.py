@@ -14,7 +14,8 @@ import time
 import pytest
 
 from onthefly.control.bus import ControlBus, events_since_page
-from onthefly.control.channels import MemoryChannel, NullChannel, TcpClientChannel
+from onthefly.control.channels import MemoryChannel, NullChannel
+from onthefly.control.tcp import TcpClientChannel
 from onthefly.control.eventlog import EventLog
 
 from .conftest import WAIT, wait_until

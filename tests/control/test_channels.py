@@ -17,9 +17,8 @@ from onthefly.control.channels import (
     MemoryChannel,
     NullChannel,
     StdioChannel,
-    TcpClientChannel,
-    channel_from_env,
 )
+from onthefly.control.tcp import TcpClientChannel, channel_from_env
 from onthefly.control.envelope import MAX_LINE_BYTES
 from onthefly.control.errors import ErrorCode, ProtocolError
 

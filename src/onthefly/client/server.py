@@ -12,7 +12,7 @@ import socket
 import threading
 from typing import Any
 
-from ..control.channels import is_loopback_host  # no torch: the client stays light
+from ..control.tcp import is_loopback_host  # no torch: the client stays light
 from .base import DashboardBase
 from .link import Link
 from .wire import resolve_port, set_send_timeout

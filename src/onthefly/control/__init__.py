@@ -16,10 +16,9 @@ from .channels import (
     MemoryChannel,
     NullChannel,
     StdioChannel,
-    TcpClientChannel,
-    channel_from_env,
 )
 from .constraints import Length, Range, SafeName
+from .tcp import TcpClientChannel, channel_from_env
 from .dispatch import CommandDispatcher
 from .envelope import (
     MAX_LINE_BYTES,

@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from ..client import DashboardBase
-from ..control.channels import is_loopback_host
+from ..control.tcp import is_loopback_host
 from .hub import PageHub
 from .page import PageSession
 

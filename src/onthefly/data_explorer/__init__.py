@@ -7,33 +7,44 @@ them import them when called (install them with `pip install 'onthefly[explorer]
 
 from __future__ import annotations
 
-from .batches import BatchParts, batch_size_of, map_batch, move_to_device, select_sample, split_batch
+from .batches import (
+    BatchParts,
+    batch_size_of,
+    map_batch,
+    move_to_device,
+    select_sample,
+    split_batch,
+)
 from .calling import (
-    ALREADY_PER_SAMPLE,
-    ONE_BY_ONE,
-    REDUCTION_NONE,
-    VMAP,
     CallCache,
     InputCandidate,
     InputRecipe,
-    LossCallError,
-    LossShapeError,
     ModelCallError,
-    _call_batch_loss,
-    apply_loss_with_warning_guard,
-    call_batch_loss,
     call_model,
-    coerce_to_per_sample,
-    compute_batch_loss,
     ensure_tensor_output,
-    extract_loss_value,
     model_input_candidates,
-    reduction_none,
     targets_for,
 )
-from .cartography import CLASSIFICATION_METRICS, HARDER_WHEN_HIGHER, METRICS, DynamicsSummary, summarize_dynamics
-from .classification import ClassificationShapeError, TaskSpec, classification_stats, infer_task
-from .cutoff import CutoffError, CutoffResult, confident_learning, mixture_cutoff, suggest_cutoff
+from .cartography import (
+    CLASSIFICATION_METRICS,
+    HARDER_WHEN_HIGHER,
+    METRICS,
+    DynamicsSummary,
+    summarize_dynamics,
+)
+from .classification import (
+    ClassificationShapeError,
+    TaskSpec,
+    classification_stats,
+    infer_task,
+)
+from .cutoff import (
+    CutoffError,
+    CutoffResult,
+    confident_learning,
+    mixture_cutoff,
+    suggest_cutoff,
+)
 from .dynamics import DynamicsError, DynamicsRecord, DynamicsRecorder, DynamicsSchedule
 from .embeddings import (
     ClusterSummary,
@@ -45,7 +56,28 @@ from .embeddings import (
     select_hard_clusters,
 )
 from .export import FORMATS, ExportResult, atomic_write, export_subset_table
+from .loss_calls import (
+    ALREADY_PER_SAMPLE,
+    ONE_BY_ONE,
+    REDUCTION_NONE,
+    VMAP,
+    LossCallError,
+    LossShapeError,
+    _call_batch_loss,
+    apply_loss_with_warning_guard,
+    call_batch_loss,
+    coerce_to_per_sample,
+    compute_batch_loss,
+    extract_loss_value,
+    reduction_none,
+)
 from .losses import PerSampleResult, compute_per_sample_losses, select_by_loss_range
+from .scaling import (
+    FeatureScaling,
+    FeatureScalingError,
+    fit_feature_scaling,
+    standardize_features,
+)
 from .scan import (
     ScanCancelled,
     analysis_mode,
@@ -54,7 +86,6 @@ from .scan import (
     rng_guard,
     root_dataset,
 )
-from .scaling import FeatureScaling, FeatureScalingError, fit_feature_scaling, standardize_features
 from .spool import ChunkedArraySpool
 
 __all__ = [

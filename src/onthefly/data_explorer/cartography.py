@@ -9,12 +9,15 @@ chunks, so memory stays bounded however many records there are.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .cutoff import CutoffResult, suggest_cutoff
-from .dynamics import DynamicsError, DynamicsRecorder
+from .errors import DynamicsError
+
+if TYPE_CHECKING:
+    from .dynamics import DynamicsRecorder
 
 # Higher value = a harder / more suspicious sample?  (Reports and fork selection orient with it.)
 HARDER_WHEN_HIGHER: dict[str, bool] = {

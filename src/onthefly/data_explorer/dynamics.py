@@ -29,15 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..fileio import atomic_write
 from .batches import batch_size_of, split_batch
-from .calling import (
-    CallCache,
-    cache_for,
-    call_model,
-    compute_batch_loss,
-    ensure_tensor_output,
-    targets_for,
-)
+from .calling import CallCache, cache_for, call_model, ensure_tensor_output, targets_for
 from .classification import OUTPUT_KINDS, TaskSpec, classification_stats, infer_task
+from .errors import DynamicsError
+from .loss_calls import compute_batch_loss
 from .scan import dataset_indices_of, run_scan
 
 FORMAT = "onthefly.dynamics"
@@ -47,10 +42,6 @@ CLASS_COLUMNS = ("p_true", "p_pred", "pred", "margin", "correct")
 COLUMNS = ("loss", *CLASS_COLUMNS)
 # The row a scan produces per sample, before the optional probability vector.
 _ROW = ("loss", "p_true", "p_pred", "pred", "margin", "correct", "label")
-
-
-class DynamicsError(RuntimeError):
-    """The dynamics folder or a new record does not fit what was recorded before."""
 
 
 @dataclass(frozen=True)

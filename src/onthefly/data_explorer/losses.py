@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .calling import CallCache, cache_for, compute_batch_loss
-from .scan import run_scan
 from .batches import batch_size_of
+from .calling import CallCache, cache_for
+from .loss_calls import compute_batch_loss
+from .scan import run_scan
 from .spool import ChunkedArraySpool, close_spools, spooled_as_arrays
 
 

@@ -54,7 +54,7 @@ from .config import SessionConfig
 from .delegate import FrameworkDelegate
 from .errors import SessionClosed, wire_handler
 from .state import Lifecycle, RunState
-from .storage import SessionStorage
+from ..storage import SessionStorage
 
 
 def new_session_id(project: str, run_name: str) -> str:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from .storage import safe_component
+from ..storage import safe_component
 
 DATA_ORDER_POLICIES = ("user", "epoch_reseed", "fixed_order")
 TRANSPORTS = ("tcp", "stdio", "off", "memory")

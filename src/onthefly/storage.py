@@ -38,9 +38,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from ..control.errors import ConstraintViolation, ErrorCode, ProtocolError
-from ..control.names import NAME_CHARS, check_safe_name
-from ..fileio import atomic_write, note_written, written_by_this_process
+from .control.errors import ConstraintViolation, ErrorCode, ProtocolError
+from .control.names import NAME_CHARS, check_safe_name
+from .fileio import atomic_write, note_written, written_by_this_process
 
 __all__ = [
     "MARKER",
@@ -337,7 +337,7 @@ def _installation_folders(user_roots: tuple[Path, ...]) -> list[tuple[Path, str]
     A prefix that contains the working directory or home (a Python installed into ~) is
     narrowed to the folders packages live in, so the user's own files stay writable.
     """
-    from .. import __file__ as package_init
+    from . import __file__ as package_init
 
     folders: list[tuple[Path, str]] = [(Path(os.path.realpath(package_init)).parent, "the onthefly package")]
     getsitepackages = getattr(site, "getsitepackages", lambda: [])  # missing in some old virtualenvs
