@@ -17,11 +17,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from onthefly import Trainer
 
 
+# One labelling rule for every split: a fixed linear "teacher" with a little label noise.
+TEACHER = torch.randn(20, 4, generator=torch.Generator().manual_seed(1234))
+
+
 def make_data(n: int, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 20, generator=g)
-    w = torch.randn(20, 4, generator=g)
-    y = (x @ w + 0.3 * torch.randn(n, 4, generator=g)).argmax(dim=1)
+    y = (x @ TEACHER + 0.3 * torch.randn(n, 4, generator=g)).argmax(dim=1)
     return TensorDataset(x, y)
 
 
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     session = trainer.fit(model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
                           train_loader=train, val_loader=val, test_loader=test, seed=0,
                           model_factory=lambda: nn.Sequential(nn.Linear(20, 64), nn.ReLU(),
-                                                              nn.Dropout(0.1), nn.Linear(64, 4)))
+                                                              nn.Dropout(0.1), nn.Linear(64, 4)),
+                          progress=True)
     latest = session.ring().latest()
     val = session.state.last_val_loss
     print(f"finished: {session.state.status} at step {session.state.step}, "

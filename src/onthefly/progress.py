@@ -8,6 +8,7 @@ no work for it at all; it hides itself while a dashboard is connected.
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from typing import Any, TextIO
@@ -47,7 +48,7 @@ def progress_line(session: Any) -> str:
 
 
 class ProgressDisplay:
-    """Redraws `progress_line(session)` on one terminal line until stopped."""
+    """Shows `progress_line(session)` until stopped: redrawn in place on a terminal, else one line per epoch."""
 
     def __init__(self, session: Any, stream: TextIO | None = None) -> None:
         from rich.console import Console
@@ -56,11 +57,13 @@ class ProgressDisplay:
 
         self._text = Text
         self.session = session
-        self._console = Console(file=stream if stream is not None else sys.stdout)
+        self._stream = stream if stream is not None else sys.stdout
+        self._console = Console(file=self._stream)
         self._live = Live(console=self._console, auto_refresh=False, transient=False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="onthefly-progress", daemon=True)
         self._shown = False
+        self._cursor = session.bus.last_seq()  # the event log is read from here on (not on a terminal)
 
     def start(self) -> "ProgressDisplay":
         self._thread.start()
@@ -77,6 +80,9 @@ class ProgressDisplay:
                 self._live.stop()  # a dashboard shows the run now: give the terminal back
                 self._shown = False
             return
+        if not self._console.is_terminal:
+            self._print_epochs(final)
+            return
         if not self._shown:
             self._live.start()
             self._shown = True
@@ -85,6 +91,25 @@ class ProgressDisplay:
             self._live.stop()
             self._shown = False
 
+    def _print_epochs(self, final: bool) -> None:
+        """Off a terminal: one line per epoch that ended, read from the event log (every epoch, in order)."""
+        if final:
+            self.session.bus.flush(timeout=2.0, wire=False)
+        while True:
+            rows = self.session.bus.event_log.read_after(self._cursor, 500)
+            if not rows:
+                break
+            self._cursor = rows[-1][0]
+            for _, body in rows:
+                if '"epoch_end"' in body:
+                    event = json.loads(body)
+                    if event.get("type") == "epoch_end":
+                        val = event.get("val_loss")
+                        print(f"{event.get('run_id')} · epoch {event.get('epoch')} done"
+                              + ("" if val is None else f" · val_loss {val:.4f}"), file=self._stream, flush=True)
+        if final:
+            print(progress_line(self.session), file=self._stream, flush=True)
+
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2.0)
+        self._thread.join(timeout=5.0)

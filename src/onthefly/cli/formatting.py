@@ -103,7 +103,9 @@ def format_event(event: dict[str, Any]) -> str | None:
         return f"checkpoint saved{at_step(event)}: {event.get('path') or '(none written)'}"
     if kind == "checkpoint_loaded":
         return f"checkpoint loaded{at_step(event)}: {event.get('path')}"
-    if kind in ("test_complete", "auto_test_complete"):
+    if kind == "auto_test_complete":
+        return None  # the same test's `test_complete` is shown; this copy is for the VS Code extension
+    if kind == "test_complete":
         return f"test {event.get('label', '')!r} finished{at_step(event)}: avg loss {fmt_float(event.get('avg_loss'))}"
     if kind == "trainingFinished":
         return f"training finished ({event.get('status', '?')}){at_step(event)}"

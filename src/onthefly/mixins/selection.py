@@ -57,45 +57,16 @@ def parse_features(feature: str) -> list[str]:
     return wanted
 
 
-def scale_features(features: np.ndarray) -> np.ndarray:
-    """Features ready for k-means: constant columns dropped, each column standardised robustly.
-
-    A column's spread is its interquartile range, or its standard deviation when the IQR is 0
-    (a mostly-constant column, e.g. a ReLU unit that rarely fires); columns whose spread is
-    (nearly) zero carry no information and are dropped instead of being divided by ~0. A single
-    remaining column is replaced by its rank in [0, 1]. Non-finite values become the column median.
-    """
-    x = np.asarray(features, dtype=np.float64)
-    if x.ndim != 2:
-        raise ValueError(f"features must be a 2-D array, got shape {x.shape}")
-    x = x.copy()
-    for j in range(x.shape[1]):
-        col = x[:, j]
-        bad = ~np.isfinite(col)
-        if bad.any():
-            good = col[~bad]
-            col[bad] = np.median(good) if good.size else 0.0
-    q1, median, q3 = np.percentile(x, [25, 50, 75], axis=0)
-    spread = q3 - q1
-    std = x.std(axis=0)
-    spread = np.where(spread > 0, spread, std)
-    scale = np.maximum(np.maximum(np.abs(median), np.abs(x).max(axis=0)), 1.0)
-    keep = spread > 1e-9 * scale
-    if not keep.any():
-        return np.zeros((len(x), 1))
-    x, median, spread = x[:, keep], median[keep], spread[keep]
-    if x.shape[1] == 1:
-        ranks = np.argsort(np.argsort(x[:, 0], kind="stable"), kind="stable").astype(np.float64)
-        return (ranks / max(len(ranks) - 1, 1))[:, None]
-    return (x - median) / spread
-
-
 def by_kmeans(columns: list[np.ndarray], losses: np.ndarray, indices: np.ndarray, *, k: int,
               target_clusters: list[int] | None, feature: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """k-means over the scaled feature columns; the chosen clusters (default: the hardest one)."""
-    from ..data_explorer import cluster_embeddings, select_hard_clusters
+    """k-means over the standardised feature columns (dead columns dropped); the chosen clusters
+    (default: the hardest one)."""
+    from ..data_explorer import FeatureScalingError, cluster_embeddings, select_hard_clusters, standardize_features
 
-    features = scale_features(np.concatenate(columns, axis=1))
+    try:
+        features = standardize_features(np.concatenate(columns, axis=1))
+    except FeatureScalingError as exc:
+        raise CommandError(f"payload.selection.feature: {exc}", ErrorCode.BAD_PAYLOAD) from exc
     k = min(k, len(indices))
     if k < 1:
         raise CommandError("payload.selection.k must be >= 1", ErrorCode.BAD_PAYLOAD)

@@ -101,7 +101,14 @@ class TrainingMixin:
             if ckpt_every and st.step % ckpt_every == 0:
                 self.save_checkpoint()
             if self._training_done():
-                return False
+                return st.running and self._epoch_complete()  # a limit reached on an epoch's last batch closes it
+
+    def _epoch_complete(self) -> bool:
+        """Whether the batch just trained was the last one of the epoch (for a loader with a length)."""
+        try:
+            return self.state.batch_in_epoch >= len(self.train_loader)
+        except TypeError:
+            return False
 
     def _end_epoch(self) -> None:
         self.report_unreported_steps()
