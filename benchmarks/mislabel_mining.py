@@ -10,6 +10,8 @@ called from the loop exactly where a session calls it. Figures per method, over 
 - early-stopped loss: the recorded loss at the epoch of best (noisy) validation accuracy;
 - dynamics: the library's `mislabel` score (the mean recorded loss), 1 - confidence, -AUM,
   forgetting events;
+- session: the same training run by an `OnTheFlySession` with `dynamics_every_epochs=1`, and the
+  `mislabel` view read back through `generate_report` — the library end to end;
 - 5-fold CV confident learning (cleanlab-style, implemented here): each fold's model trains the
   same 100 epochs on the other folds; out-of-fold probabilities ranked by self-confidence.
 
@@ -74,6 +76,25 @@ def train_model(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, *, recorde
     return model, val_acc
 
 
+def session_mislabel_scores(x: np.ndarray, y: np.ndarray, epochs: int, seed: int) -> np.ndarray:
+    """The same training driven by the library: a session records the dynamics at every epoch end
+    (`dynamics_every_epochs=1`) and a report asks for the `mislabel` view, as a dashboard would."""
+    from onthefly import OnTheFlySession, SessionConfig
+
+    model = make_mlp(seed)
+    with tempfile.TemporaryDirectory(prefix="otf-mislabel-session-") as folder:
+        cfg = SessionConfig(project="mislabel", transport="off", save_dir=folder, max_epochs=epochs,
+                            dynamics_every_epochs=1)
+        with OnTheFlySession(cfg) as session:
+            session.bind(model=model, optimizer=torch.optim.Adam(model.parameters(), lr=LR),
+                         loss_fn=nn.CrossEntropyLoss(), train_loader=make_loader(ArrayDataset(x, y), BATCH, seed))
+            session.train()
+            report = session.call("generate_report", {"subset_on": "train", "metric": "mislabel"})
+    scores = np.full(len(y), np.nan)
+    scores[np.asarray(report["sample_indices"])] = np.asarray(report["losses"], dtype=np.float64)
+    return scores
+
+
 def cross_validated_probs(x: np.ndarray, y: np.ndarray, epochs: int, seed: int, folds: int = 5) -> np.ndarray:
     from sklearn.model_selection import StratifiedKFold
 
@@ -111,6 +132,7 @@ def run_seed(seed: int, epochs: int, with_cv: bool) -> dict[str, dict[str, float
             "end loss: suggest_cutoff(losses=...)": suggest_cutoff(losses=loss_hist[-1]),
             "early-stopped loss: suggest_cutoff(losses=)": suggest_cutoff(losses=loss_hist[best]),
         }
+    scores["session: generate_report(metric='mislabel')"] = session_mislabel_scores(x, y, epochs, seed)
     if with_cv:
         probs = cross_validated_probs(x, y, epochs, seed)
         scores["5-fold CV confident learning"] = 1.0 - probs[np.arange(len(y)), y]

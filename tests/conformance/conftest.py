@@ -54,11 +54,11 @@ def runtime(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
-@pytest.fixture
-def live(runtime: str, tmp_path: Any) -> Iterator[tuple[Dash, Run]]:
+@contextlib.contextmanager
+def live_run(runtime: str, tmp_path: Any, **settings: Any) -> Iterator[tuple[Dash, Run]]:
     """A run of `runtime` paused before its first optimizer step, with a dashboard attached."""
     server = DashboardServer(port=0).start()
-    run = RUNTIMES[runtime](server.port, tmp_path).start()
+    run = RUNTIMES[runtime](server.port, tmp_path, **settings).start()
     try:
         server.wait_connected(WAIT)
         dash = Dash(server)
@@ -72,3 +72,9 @@ def live(runtime: str, tmp_path: Any) -> Iterator[tuple[Dash, Run]]:
         if run.session is not None:
             run.session.close()
         server.close()
+
+
+@pytest.fixture
+def live(runtime: str, tmp_path: Any) -> Iterator[tuple[Dash, Run]]:
+    with live_run(runtime, tmp_path) as pair:
+        yield pair

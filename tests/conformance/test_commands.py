@@ -18,6 +18,7 @@ import torch
 from onthefly import verify_bundle
 from onthefly.checkpoints import load_checkpoint
 
+from .conftest import live_run
 from .runtimes import BATCH, N_TRAIN, WAIT, make_problem, weights
 
 HEALTH = ("dist_health", "activations_health", "numerics_health", "determinism_health", "throughput_health")
@@ -194,6 +195,25 @@ def test_reset_bundles_and_version_veto(live, runtime, tmp_path):
     if runtime == "trainer":
         run.join(WAIT, expect_error=RuntimeError)
         assert "too old" in str(run.error)
+
+
+def test_training_dynamics_reports_and_forks(runtime, tmp_path):
+    with live_run(runtime, tmp_path, dynamics_every_epochs=1) as (dash, run):
+        dash.request("resume")
+        dash.wait("dynamics_recorded")
+        second = dash.server.wait_for_event(lambda e: e.get("type") == "dynamics_recorded" and e.get("record") == 1,
+                                            WAIT)
+        assert second["samples"] == N_TRAIN
+        dash.request("pause")
+        report = dash.request("generate_report", {"subset_on": "train", "metric": "mislabel",
+                                                  "suggest_cutoff": True})
+        assert report["meta"]["metric"] == "mislabel" and report["meta"]["records"] >= 2
+        assert sorted(report["sample_indices"]) == make_problem().train_indices
+        assert set(report["cutoff"]["flagged"]) <= set(report["sample_indices"])
+        fork = dash.request("fork", {"selection": {"kind": "quantile", "from": 0.9, "to": 1.0, "metric": "variability"}})
+        assert 10 <= fork["subset_count"] <= 20 and set(fork["subset_indices"]) <= set(report["sample_indices"])
+        dash.request("resume")
+        dash.wait_steps(fork["new_run"], dash.request("status")["step"] + 2)
 
 
 BAD_PAYLOADS = [

@@ -35,7 +35,9 @@ class Region:
 class Selection:
     kind: Literal["indices", "quantile", "kmeans", "region"] = "indices"
     ids: Optional[Annotated[list[Annotated[int, Range(ge=0)]], Length(max=50_000_000)]] = None
-    metric: Literal["per_sample_loss"] = "per_sample_loss"
+    #: What quantile and region selections rank: a loss scan, or a training-dynamics view.
+    metric: Literal["per_sample_loss", "loss", "mean_loss", "loss_std", "confidence", "variability", "correctness",
+                    "forgetting", "aum", "mislabel"] = "per_sample_loss"
     from_: Optional[float] = field(default=None, metadata={"aliases": ("from",)})
     to: Optional[float] = None
     k: Annotated[int, Range(ge=1, le=10_000)] = 5
@@ -210,15 +212,31 @@ class ForkMixin:
         if selection is not None and selection.kind == "indices":
             ids = self.check_training_indices(selection.ids or [], "payload.selection.ids")
             return ids, {"kind": "indices", "count": int(ids.size)}
-        losses, indices = self.training_losses(run_id, model, reuse_report=reuse_report)
-        if selection is not None and selection.kind == "quantile":
-            return rules.by_quantile(losses, indices, selection.from_, selection.to)
         if selection is not None and selection.kind == "kmeans":
+            losses, indices = self.training_losses(run_id, model, reuse_report=reuse_report)
             columns = self.kmeans_columns(model, rules.parse_features(selection.feature), losses, indices)
             return rules.by_kmeans(columns, losses, indices, k=selection.k,
                                    target_clusters=selection.target_clusters, feature=selection.feature)
+        if selection is not None:
+            metric = "loss" if selection.metric in ("per_sample_loss", "loss") else selection.metric
+        else:  # a region of the report the dashboard shows: in that report's own units
+            last = self.reports.get((run_id, "train"))
+            metric = last.metric if last is not None else "loss"
+        if selection is not None and selection.kind == "quantile":
+            values, indices = self.training_values(run_id, model, metric, reuse_report, harder_is_higher=True)
+            chosen, meta = rules.by_quantile(values, indices, selection.from_, selection.to)
+            return chosen, {**meta, "metric": metric}
+        values, indices = self.training_values(run_id, model, metric, reuse_report)
         source: Any = selection if selection is not None else region
-        return rules.by_region(losses, indices, source.minLoss, source.maxLoss)
+        chosen, meta = rules.by_region(values, indices, source.minLoss, source.maxLoss)
+        return chosen, {**meta, "metric": metric}
+
+    def training_values(self, run_id: str, model: torch.nn.Module, metric: str, reuse_report: bool, *,
+                        harder_is_higher: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Per-sample values over the training set: losses of `model`, or a training-dynamics view."""
+        if metric == "loss":
+            return self.training_losses(run_id, model, reuse_report=reuse_report)
+        return self.dynamics_values(run_id, metric, harder_is_higher=harder_is_higher)
 
     def training_losses(self, run_id: str, model: torch.nn.Module, *, reuse_report: bool
                         ) -> tuple[np.ndarray, np.ndarray]:

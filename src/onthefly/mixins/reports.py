@@ -6,6 +6,10 @@ paired with its true dataset index. The fork selection uses the same scan — an
 report when it scored the very same weights — so a region picked on the report's chart selects
 exactly the samples the user saw. Scans of the current run read a copy of the live model.
 
+A report may also show a training-dynamics view instead of a fresh loss scan (`metric`, see
+mixins/dynamics.py), and suggest a cut-off: which samples look mislabelled or hard, without
+being told how many (`suggest_cutoff`).
+
 Commands: `generate_report`, `get_selected_region_indices`, `export_subset`, `propose_subsets`.
 """
 
@@ -25,6 +29,8 @@ from .command import command
 
 SCAN_SEED = 1337
 Split = Literal["train", "val"]
+ReportMetric = Literal["loss", "mean_loss", "loss_std", "confidence", "variability", "correctness", "forgetting",
+                       "aum", "mislabel"]
 ExportFormat = Literal["parquet", "feather", "csv", "json"]
 
 
@@ -40,6 +46,7 @@ class Report:
     ckpt_path: str | None
     weights: tuple[int, int] | None  # (run generation, state version) of live weights; None for a checkpoint
     covers_training_set: bool
+    metric: str = "loss"  # "loss" (a scan of these weights) or a training-dynamics view
 
 
 RunId = Annotated[str, SafeName]
@@ -53,6 +60,8 @@ class GenerateReport:
     subset_on: Split = "val"
     reqId: Any = None
     batch_size: Optional[Annotated[int, Range(ge=1, le=1_000_000)]] = None
+    metric: ReportMetric = "loss"
+    suggest_cutoff: bool = False
 
 
 @dataclass
@@ -133,7 +142,7 @@ class ReportsMixin:
     def fresh_report(self, run_id: str, subset_on: str) -> Report | None:
         """The last report of the current run's live weights on the whole split, if nothing changed since."""
         report = self.reports.get((run_id, subset_on))
-        if report is None or not report.covers_training_set or run_id != self.cfg.run_name:
+        if report is None or report.metric != "loss" or not report.covers_training_set or run_id != self.cfg.run_name:
             return None
         return report if report.weights == (self.run_gen, self.checkpoints.version) else None
 
@@ -156,6 +165,8 @@ class ReportsMixin:
             indices = self.check_training_indices(p.subset_indices, "payload.subset_indices") \
                 if p.subset_on == "train" else np.asarray(p.subset_indices, dtype=np.int64)
         request = {"action": "report", "run_id": run_id, "subset_on": p.subset_on}
+        if p.metric != "loss":
+            return self.dynamics_report(run_id, p, indices)
 
         def scan() -> dict[str, Any]:
             weights = (self.run_gen, self.checkpoints.version) if run_id == self.cfg.run_name else None
@@ -167,6 +178,7 @@ class ReportsMixin:
             self.reports[(run_id, p.subset_on)] = Report(run_id, p.subset_on, losses, idx, step, ckpt_path,
                                                          weights, covers_training_set=indices is None)
             meta = {
+                "metric": "loss",
                 "note": f"{p.subset_on} split" if indices is None else f"{p.subset_on} subset",
                 "samples": int(len(losses)),
                 "owner_run_id": run_id,
@@ -179,10 +191,52 @@ class ReportsMixin:
                 "mode": meta_scan.get("mode"),
                 "seed": SCAN_SEED,
             }
-            return {"losses": [float(x) if np.isfinite(x) else None for x in losses],
-                    "sample_indices": idx.tolist(), "owner_run_id": run_id, "reqId": p.reqId, "meta": meta}
+            reply = {"losses": [float(x) if np.isfinite(x) else None for x in losses],
+                     "sample_indices": idx.tolist(), "owner_run_id": run_id, "reqId": p.reqId, "meta": meta}
+            if p.suggest_cutoff:
+                reply["cutoff"] = self.loss_cutoff(losses, idx)
+            return reply
 
         return self.console.pause_window(request, scan, checkpoint=False)
+
+    def loss_cutoff(self, losses: np.ndarray, indices: np.ndarray) -> dict[str, Any]:
+        """A suggested cut-off on a loss scan: a two-component mixture on log-loss (see docs)."""
+        from ..data_explorer import CutoffError, suggest_cutoff
+
+        try:
+            return suggest_cutoff(losses=losses, indices=indices).to_dict()
+        except CutoffError as exc:
+            raise CommandError(f"payload.suggest_cutoff: {exc}", ErrorCode.FAILED) from exc
+
+    def dynamics_report(self, run_id: str, p: GenerateReport, indices: np.ndarray | None) -> dict[str, Any]:
+        """A report of a training-dynamics view (read from the run's records; no model pass)."""
+        if p.subset_on != "train":
+            raise CommandError(f"payload.metric {p.metric!r}: training dynamics are recorded on the training set; "
+                               "use subset_on 'train'", ErrorCode.BAD_PAYLOAD)
+        summary = self.dynamics_summary(run_id)
+        values, idx = self.dynamics_values(run_id, p.metric)
+        if indices is not None:
+            keep = np.isin(idx, indices)
+            values, idx = values[keep], idx[keep]
+        records = self.dynamics_recorder(run_id).records
+        self.reports[(run_id, "train")] = Report(run_id, "train", values, idx, records[-1].step, None, None,
+                                                 covers_training_set=indices is None, metric=p.metric)
+        meta = {
+            "metric": p.metric, "note": f"training dynamics: {p.metric} over {len(records)} record(s)",
+            "samples": int(len(values)), "owner_run_id": run_id, "subset_on": "train",
+            "subset_count": len(indices) if indices is not None else None, "at_step": records[-1].step,
+            "records": len(records), "record_steps": [r.step for r in records], "task": str(summary.task),
+        }
+        reply = {"losses": [float(x) if np.isfinite(x) else None for x in values], "sample_indices": idx.tolist(),
+                 "owner_run_id": run_id, "reqId": p.reqId, "meta": meta}
+        if p.suggest_cutoff:
+            from ..data_explorer import CutoffError
+
+            try:
+                reply["cutoff"] = summary.suggested_cutoff().to_dict()
+            except CutoffError as exc:
+                raise CommandError(f"payload.suggest_cutoff: {exc}", ErrorCode.FAILED) from exc
+        return reply
 
     @command("get_selected_region_indices", SelectedRegion, mutating=False,
              description="indices whose loss lies in [min_loss, max_loss] in the last report")

@@ -33,8 +33,7 @@ def by_quantile(losses: np.ndarray, indices: np.ndarray, q_from: float | None, q
     q_to = 1.0 if q_to is None else q_to
     lo, hi = quantile_bounds(losses, q_from, q_to)
     chosen = indices[(losses >= lo) & (losses <= hi)]
-    return np.unique(chosen), {"kind": "quantile", "from": q_from, "to": q_to, "lo": lo, "hi": hi,
-                               "metric": "per_sample_loss"}
+    return np.unique(chosen), {"kind": "quantile", "from": q_from, "to": q_to, "lo": lo, "hi": hi}
 
 
 def by_region(losses: np.ndarray, indices: np.ndarray, min_loss: float | None, max_loss: float | None

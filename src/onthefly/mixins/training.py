@@ -96,6 +96,8 @@ class TrainingMixin:
             if self.scheduler is not None and cfg.scheduler_interval == "step":
                 self.scheduler.step()
             self._record_step(metrics, batch)
+            if self.dynamics.schedule is not None:
+                self.maybe_record_dynamics(epoch_end=False, epoch=st.epoch)
             if self.forks.budget is not None:
                 self.check_fork_budget()
             if ckpt_every and st.step % ckpt_every == 0:
@@ -119,6 +121,7 @@ class TrainingMixin:
             st.last_val_loss = val_loss
             self.log(f"epoch {st.epoch} val_loss = {val_loss}", phase="train")
         self.emit("epoch_end", epoch=st.epoch, val_loss=val_loss)
+        self.maybe_record_dynamics(epoch_end=True, epoch=st.epoch)
         if self.scheduler is not None and cfg.scheduler_interval == "epoch":
             if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
                 if val_loss is not None:

@@ -40,6 +40,7 @@ from ..mixins.checkpoint import CheckpointMixin
 from ..mixins.command import declared_commands
 from ..mixins.control import ControlMixin
 from ..mixins.data import DataMixin
+from ..mixins.dynamics import DynamicsMixin
 from ..mixins.events import EventsMixin
 from ..mixins.forks import ForkMixin
 from ..mixins.health import HealthMixin
@@ -75,7 +76,8 @@ def make_channel(cfg: SessionConfig) -> Channel:
 
 
 class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, ForkMixin, MergeMixin, BundleMixin,
-                          ReportsMixin, ControlMixin, HparamsMixin, InfoMixin, TestingMixin, HealthMixin):
+                          ReportsMixin, DynamicsMixin, ControlMixin, HparamsMixin, InfoMixin, TestingMixin,
+                          HealthMixin):
     """The framework-neutral session. Subclasses decide who drives the batches."""
 
     def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
@@ -120,6 +122,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         self._init_forks()
         self._init_reports()
         self._init_testing()
+        self._init_dynamics()
         self.update_event_context()
         self.framework = FrameworkDelegate()
         self.use_framework(framework if framework is not None else self.default_framework())

@@ -40,6 +40,8 @@ class SessionConfig:
     log_interval_s: float = 0.02
     diagnostics_every_n_steps: int = 10  # grad/weight norm, accuracy, memory
     diagnostics_interval_s: float = 0.5  # ... and no more often than this (0: every n steps)
+    dynamics_every_epochs: int | None = None  # record training dynamics every n-th epoch end (None: off)
+    dynamics_every_steps: int | None = None  # ... and/or every n optimizer steps
     scheduler_interval: str = "epoch"
     transport: str | None = None  # None -> $ONTHEFLY_TRANSPORT or tcp
     dashboard_host: str = "127.0.0.1"
@@ -84,7 +86,7 @@ class SessionConfig:
             setattr(self, name, float(interval))
         if not isinstance(self.ckpt_every_steps, int) or self.ckpt_every_steps < 0:
             raise ConfigError(f"ckpt_every_steps must be an integer >= 0, got {self.ckpt_every_steps!r}")
-        for name in ("max_epochs", "max_steps"):
+        for name in ("max_epochs", "max_steps", "dynamics_every_epochs", "dynamics_every_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ConfigError(f"{name} must be None or an integer >= 0, got {value!r}")

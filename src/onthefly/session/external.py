@@ -208,6 +208,8 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         every = self.cfg.ckpt_every_steps
         if every and st.step % every == 0:
             self.save_checkpoint()
+        if self.dynamics.schedule is not None:
+            self.maybe_record_dynamics(epoch_end=False, epoch=st.epoch)
         if self.forks.budget is not None:
             self.check_fork_budget()
 
@@ -240,6 +242,7 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         if val_loss is not None:
             st.last_val_loss = as_float(val_loss)
         self.emit("epoch_end", epoch=ended, val_loss=None if val_loss is None else st.last_val_loss)
+        self.maybe_record_dynamics(epoch_end=True, epoch=ended)
         st.epoch = ended + 1
         st.batch_in_epoch = 0
         if epoch is not None:
