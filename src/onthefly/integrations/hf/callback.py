@@ -168,7 +168,7 @@ class HFCallback(TrainerCallback):
         total = getattr(trainer, "_tr_loss", None)
         if not isinstance(total, torch.Tensor):
             return None
-        now = total.detach().clone()
+        now = total.clone()  # HF accumulates detached losses: no graph to cut
         loss = now if self._loss_seen is None else now - self._loss_seen
         self._loss_seen = now
         return loss

@@ -81,10 +81,9 @@ class StableEpochSampler(RandomSampler):
 
     def __iter__(self) -> Iterator[int]:
         epoch = self.inner.epoch
-        try:
-            yield from self.inner
-        finally:
-            self.inner.set_epoch(epoch)
+        order = list(self.inner)  # the wrapped sampler draws its whole permutation at once anyway
+        self.inner.set_epoch(epoch)
+        return iter(order)
 
 
 class SessionBatches(DataLoader):

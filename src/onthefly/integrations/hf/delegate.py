@@ -68,6 +68,7 @@ class HFDelegate(FrameworkDelegate):
         self.shard: Any = None
         #: The session's train loader changed: the Trainer must leave its current epoch iterator.
         self.loader_changed = False
+        self._measured: tuple[Any, int | None] = (None, None)  # (loader, its length), asked every step
         #: A test (`trainer.evaluate` on the test set) is running, and the batches it has scored.
         self.testing = False
         self.test_batches = 0
@@ -117,10 +118,13 @@ class HFDelegate(FrameworkDelegate):
     def epoch_length(self) -> int | None:
         """Batches in one epoch of the session's train loader (None: it has no length)."""
         loader = self.session.train_loader if self.session is not None else None
-        try:
-            return len(loader) if loader is not None else None
-        except TypeError:
-            return None
+        if loader is not self._measured[0]:
+            try:
+                length = len(loader) if loader is not None else None
+            except TypeError:
+                length = None
+            self._measured = (loader, length)
+        return self._measured[1]
 
     # ---- tests -------------------------------------------------------------------------------
     def has_own_test(self) -> bool:
