@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 
 import torch
-from torch.nn import functional as F
 
 import onthefly
 

@@ -15,6 +15,8 @@ from torch.nn import functional as F
 
 pytest.importorskip("transformers", reason="the HF integration needs transformers (dev extra)")
 
+from transformers import TrainerCallback  # noqa: E402
+
 import onthefly  # noqa: E402
 from onthefly.checkpoints import load_checkpoint  # noqa: E402
 
@@ -276,6 +278,7 @@ def test_hf_checkpoint_folder_is_written_on_request_and_hf_resumes_from_it(tmp_p
         session.close()
     assert seen["position"] == (5, 0, 5)  # before step 6 is counted: where the folder left off
     assert resumed.state.global_step == 24 and session.state.step == 24 and session.state.epoch == 2
+    assert_same_weights(weights(trainer.model), weights(resumed.model))  # HF's resume is exact, attached too
 
 
 def test_the_delegate_loads_an_hf_checkpoint_folder_into_a_live_trainer(tmp_path):
@@ -315,3 +318,44 @@ def test_the_delegate_loads_an_hf_checkpoint_folder_into_a_live_trainer(tmp_path
     assert loaded["info"]["step"] == 4 and loaded["global_step"] == 4 and loaded["adam_steps"] == {4}
     with pytest.raises(onthefly.CheckpointError, match="not a Hugging Face checkpoint folder"):
         second_session.framework.load_native_checkpoint(tmp_path, {})
+
+
+def test_a_fork_shorter_than_an_accumulation_drops_its_last_micro_batches_with_a_warning(tmp_path):
+    holder: dict = {}
+    subset = list(range(12))  # 3 batches of 4: one accumulation of 2, and one batch left over
+
+    def script(server, results):
+        server.request("pause", timeout=WAIT)
+        results["fork"] = server.request("fork", {"selection": {"kind": "indices", "ids": subset}}, timeout=WAIT)
+        server.request("resume", timeout=WAIT)
+        child = results["fork"]["new_run"]
+        server.wait_for_event(lambda e: e.get("type") == "epoch_end" and e.get("run_id") == child
+                              and e.get("epoch") == 1, WAIT)
+        server.request("stop", timeout=WAIT)
+
+    grads = {}
+    with dashboard() as server:
+        holder["server"] = server
+        trainer = make_trainer(tmp_path, callbacks=[script_at(2, script, holder)], gradient_accumulation_steps=2,
+                               num_train_epochs=10)
+
+        class GradsAtEpochBegin(TrainerCallback):
+            def on_epoch_begin(self, args, state, control, model=None, **kwargs):
+                grads[state.global_step] = [p.grad for p in model.parameters() if p.grad is not None]
+
+        trainer.add_callback(GradsAtEpochBegin())
+        session = onthefly.attach_hf(trainer, **session_options(tmp_path, server))
+        holder["session"] = lambda: session
+        server.wait_connected(WAIT)
+        trainer.train()
+        child = holder["driver"].join()["fork"]["new_run"]
+        history = events(server)
+        session.close()
+    ends = [e for e in history if e["type"] == "epoch_end" and e.get("run_id") == child]
+    steps = [e["step"] for e in history if e["type"] == "trainStep" and e.get("run_id") == child
+             and ends[0]["event_seq"] < e["event_seq"] < ends[1]["event_seq"]]
+    assert len(steps) == 1  # one optimizer step per child epoch: 2 of its 3 batches
+    warnings = [e for e in history if e["type"] == "log" and "micro-batch(es) into a gradient accumulation"
+                in e["text"]]
+    assert len(warnings) == 1
+    assert all(not found for found in grads.values())  # no gradient carried into the next epoch
