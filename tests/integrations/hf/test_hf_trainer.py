@@ -228,6 +228,16 @@ def test_hf_callback_in_the_trainers_callbacks(tmp_path):
     with pytest.raises(RuntimeError, match="already has an onthefly HFCallback"):
         onthefly.attach_hf(trainer, **session_options(tmp_path / "again"))
 
+    # Added after the Trainer was built: the session opens when training begins.
+    late = onthefly.HFCallback(run_name="late", **session_options(tmp_path / "late"))
+    other = make_trainer(tmp_path / "late")
+    other.add_callback(late)
+    with pytest.raises(RuntimeError, match="not bound"):
+        late.session
+    other.train()
+    late.session.close()
+    assert late.session.trainer is other and late.session.state.step == 24
+
 
 def test_resume_from_an_onthefly_checkpoint_with_accumulation_is_bit_exact(tmp_path):
     # 12 batches per epoch, accumulation 2: step 9 is 6 batches into the second epoch.
