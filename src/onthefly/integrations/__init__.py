@@ -1,8 +1,9 @@
 """Framework integrations, imported lazily: Lightning (`attach_lightning`), Hugging Face (`attach_hf`).
 
 `from onthefly.integrations import attach_lightning` imports Lightning only at that moment (and
-`attach_hf` / `HFCallback` import transformers only then), so the core never depends on them. The protocol every integration implements, `FrameworkDelegate`,
-lives in the session layer (`onthefly.session.delegate`).
+`attach_hf` / `HFCallback` import transformers only then), so the core never depends on them.
+The protocol every integration implements, `FrameworkDelegate`, lives in the session layer
+(`onthefly.session.delegate`).
 """
 
 from __future__ import annotations
