@@ -1,6 +1,6 @@
-"""Training-loop overhead of onthefly against plain PyTorch and plain Lightning, measured in the same run.
+"""Training-loop overhead of onthefly against plain PyTorch, Lightning and HF, measured in the same run.
 
-    python benchmarks/overhead.py [--runs 15] [--samples 20000] [--only native,own,lightning]
+    python benchmarks/overhead.py [--runs 15] [--samples 20000] [--only native,own,lightning,hf]
                                   [--slice 8] [--sequential]
 
 The same MLP (32-256-256-10, batch 64, Adam, `torch.set_num_threads(1)`) is trained for one
@@ -12,7 +12,11 @@ epoch by each variant; every comparison has its own baseline:
 - own loop:  the same plain loop vs that loop with `onthefly.attach` + `session.step(loss)`, a
              dashboard listening (target <= 1.03x);
 - lightning: `L.Trainer.fit` vs the same with `attach_lightning`, a dashboard listening; progress
-             bar, logger, checkpointing and model summary off in both (target <= 1.05x).
+             bar, logger, checkpointing and model summary off in both (target <= 1.05x);
+- hf:        `transformers.Trainer.train` vs the same with `attach_hf`, a dashboard listening; the
+             MLP takes `(x, labels)` and returns its loss and logits, the samples are dicts put
+             together by HF's default collator; reporting, saving, logging and progress bars off
+             in both (target <= 1.05x).
 
 A variant's time is its whole training call as the user sees it (`fit`, or the loop plus
 `session.close()`), not the construction of the trainer or session before it.
@@ -23,7 +27,8 @@ variants of a comparison therefore run *interleaved*: each in its own thread, on
 handing the turn to the next every `--slice` batches (about 10-20 ms), so all of them see the
 same machine speed. A variant's time is the wall time it held the turn, from the start of its
 training call to its end; the hand-offs are not counted on either side, and the same hand-off
-hook runs in every variant (a loader wrapper, or a Lightning callback at batch start). Anything
+hook runs in every variant (a loader wrapper, a Lightning callback at batch start, an HF callback
+at step begin). Anything
 a variant runs on other threads (onthefly's writer) keeps running during the others' turns, as
 it would on a second core. A run's ratio is the variant's time over the baseline's in that run;
 the figure is the median over `--runs` runs (with the interquartile range).
@@ -213,6 +218,71 @@ def lightning_variants(loader: DataLoader, root: str, port: int) -> tuple[Callab
     return plain, attached
 
 
+class Named(torch.utils.data.Dataset):
+    """`(x, y)` samples as the dicts an HF Trainer feeds a model."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.base[i]
+        return {"x": x, "labels": y}
+
+
+def hf_variants(loader: DataLoader, root: str, port: int) -> tuple[Callable[[Tick, Timer], None], ...]:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    dataset = Named(loader.dataset)
+
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+            logits = self.net(x)
+            return {"loss": None if labels is None else F.cross_entropy(logits, labels), "logits": logits}
+
+    class HandOff(transformers.TrainerCallback):
+        def __init__(self, tick: Tick) -> None:
+            self.tick = tick
+
+        def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            self.tick()
+
+    def make(tick: Tick) -> transformers.Trainer:
+        torch.manual_seed(0)
+        model = MLP()
+        args = transformers.TrainingArguments(
+            output_dir=os.path.join(root, "hf"), per_device_train_batch_size=loader.batch_size, num_train_epochs=1,
+            report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no", disable_tqdm=True)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset, callbacks=[HandOff(tick)],
+                                       optimizers=(torch.optim.Adam(model.parameters(), lr=1e-3), None))
+        trainer.remove_callback(transformers.PrinterCallback)  # it prints the final metrics to stdout
+        return trainer
+
+    def plain(tick: Tick, timer: Timer) -> None:
+        trainer = make(tick)
+        timer.start()
+        trainer.train()
+        timer.stop()
+
+    def attached(tick: Tick, timer: Timer) -> None:
+        trainer = make(tick)
+        session = onthefly.attach_hf(trainer, project="bench", transport="tcp", dashboard_port=port, save_dir=root)
+        wait_connected(session)
+        timer.start()
+        trainer.train()
+        session.close()
+        timer.stop()
+
+    return plain, attached
+
+
 # ---- the harness ------------------------------------------------------------------------------------
 class Interleaved:
     """Runs variants in threads, one at a time, passing the turn on every `slice_batches` batches."""
@@ -366,12 +436,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--slice", type=int, default=8, help="batches per turn when interleaving (default 8)")
     parser.add_argument("--sequential", action="store_true", help="whole trainings back to back (ABBA) instead")
-    parser.add_argument("--only", default="native,own,lightning",
-                        help="comma-separated: native, own, lightning (default: all three)")
+    parser.add_argument("--only", default="native,own,lightning,hf",
+                        help="comma-separated: native, own, lightning, hf (default: all four)")
     args = parser.parse_args(argv)
     wanted = {part.strip() for part in args.only.split(",") if part.strip()}
-    if not wanted or wanted - {"native", "own", "lightning"}:
-        parser.error(f"--only takes native, own, lightning; got {args.only!r}")
+    if not wanted or wanted - {"native", "own", "lightning", "hf"}:
+        parser.error(f"--only takes native, own, lightning, hf; got {args.only!r}")
     if args.runs < 1 or args.slice < 1:
         parser.error("--runs and --slice must be >= 1")
     torch.set_num_threads(1)
@@ -405,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
                 "L.Trainer.fit": lit_plain,
                 "L.Trainer.fit + attach_lightning": lit_attached,
             }, ("L.Trainer.fit + attach_lightning", 1.05)))
+        if "hf" in wanted:
+            hf_plain, hf_attached = hf_variants(loader, root, port)
+            comparisons.append(Comparison("Hugging Face Trainer", {
+                "transformers.Trainer.train": hf_plain,
+                "Trainer.train + attach_hf": hf_attached,
+            }, ("Trainer.train + attach_hf", 1.05)))
         for comparison in comparisons:
             settle()
             measure(comparison.variants)  # warm-up: first-call costs hit every variant alike

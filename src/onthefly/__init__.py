@@ -1,7 +1,8 @@
 """onthefly: watch and steer a running PyTorch training.
 
 The public API is resolved lazily so that `import onthefly` stays cheap and optional
-dependencies (scikit-learn, pandas, pyarrow, lightning, rich) load only when used.
+dependencies (scikit-learn, pandas, pyarrow, lightning, transformers, accelerate, rich) load only
+when used.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ _LAZY: dict[str, tuple[str, str]] = {
     "export_subset_table": (".data_explorer", "export_subset_table"),
     "attach": (".attach", "attach"),
     "attach_lightning": (".integrations.lightning", "attach_lightning"),
+    "attach_hf": (".integrations.hf.attach", "attach_hf"),
+    "HFCallback": (".integrations.hf.callback", "HFCallback"),
     "OnTheFlyExternalSession": (".session.external", "OnTheFlyExternalSession"),
     "FrameworkDelegate": (".session.delegate", "FrameworkDelegate"),
     "TestOutcome": (".session.delegate", "TestOutcome"),

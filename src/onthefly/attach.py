@@ -26,6 +26,12 @@ session's epochs and batches instead of your loader::
 
 Epochs end by themselves when `train_loader` has a length (or call `session.end_epoch()`), and the
 run is reported finished when the `with` block or the program ends (or call `session.finish()`).
+
+An Accelerate loop (`accelerator.prepare`, `accelerator.backward`, `with accelerator.accumulate(model)`)
+works unchanged: pass `accelerator=accelerator` (or let `attach` find it from the prepared
+optimizer). `session.step(loss)` is then called after every micro-batch, as the loop is written,
+and counts — and pauses at — optimizer steps only: micro-batches of an unfinished gradient
+accumulation are never a boundary.
 """
 
 from __future__ import annotations
@@ -49,15 +55,64 @@ class OwnLoop(FrameworkDelegate):
 
     runtime = "own_loop"
 
+    def accumulation_complete(self) -> bool:
+        """Whether the step just reported ended with an optimizer step (a plain loop steps every batch)."""
+        return True
+
+
+class AccelerateLoop(OwnLoop):
+    """A loop written with Accelerate: an optimizer step happens only when Accelerate syncs gradients."""
+
+    runtime = "accelerate"
+
+    def __init__(self, gradient_state: Any) -> None:
+        self.gradient_state = gradient_state
+
+    def accumulation_complete(self) -> bool:
+        return bool(self.gradient_state.sync_gradients)
+
+
+def accelerate_parts(accelerator: Any, model: nn.Module, optimizer: Any, scheduler: Any) -> dict[str, Any] | None:
+    """What a session binds in an Accelerate loop (None for a plain loop): the unwrapped model, the
+    torch optimizers and schedulers inside Accelerate's wrappers, the device, the scaler, the loop.
+
+    Without `accelerator`, an optimizer that `accelerator.prepare` returned identifies the loop.
+    """
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    prepared = [o for o in optimizers if type(o).__module__.startswith("accelerate.")]
+    if accelerator is None and not prepared:
+        return None
+    if accelerator is not None:
+        gradient_state, scaler, device = accelerator.gradient_state, accelerator.scaler, accelerator.device
+        model = accelerator.unwrap_model(model)
+    else:
+        from accelerate.utils import extract_model_from_parallel
+
+        gradient_state, scaler = prepared[0].gradient_state, prepared[0].scaler
+        model = extract_model_from_parallel(model)
+        device = next((p.device for p in model.parameters()), None)
+
+    def inner(obj: Any, attr: str) -> Any:
+        return getattr(obj, attr) if type(obj).__module__.startswith("accelerate.") and hasattr(obj, attr) else obj
+
+    schedulers = scheduler if isinstance(scheduler, (list, tuple)) else [scheduler]
+    return {"model": model, "optimizer": [inner(o, "optimizer") for o in optimizers if o is not None] or None,
+            "scheduler": [inner(s, "scheduler") for s in schedulers if s is not None] or None,
+            "device": device, "scaler": scaler, "loop": AccelerateLoop(gradient_state)}
+
 
 class OwnLoopSession(OnTheFlyExternalSession):
     """The session `attach()` returns: `step()` per batch, `epochs()`/`batches()`, `end_epoch()`, `finish()`."""
 
+    framework: OwnLoop
+
     def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
-                 **overrides: Any) -> None:
-        super().__init__(config, channel=channel, framework=OwnLoop(), **overrides)
+                 framework: OwnLoop | None = None, **overrides: Any) -> None:
+        super().__init__(config, channel=channel, framework=framework or OwnLoop(), **overrides)
         self._epoch_len: int | None = None
         self._batch_size = 0
+        self._micro = 0  # micro-batches of an unfinished gradient accumulation
+        self._micro_loss: Any = None  # their summed loss
         self._crash: BaseException | None = None
         self._previous_excepthook: Callable[..., Any] | None = None
         self._epoch_full = False  # the last batch of the epoch was reported; epoch_end is still due
@@ -68,13 +123,26 @@ class OwnLoopSession(OnTheFlyExternalSession):
         """Report one optimizer step (call it after `optimizer.step()`) and honour the dashboard.
 
         `loss` (a tensor stays on its device) and any other metrics (`accuracy=...`) go into the
-        step's `trainStep` event. Returns False once the run should end.
+        step's `trainStep` event. Returns False once the run should end. In an Accelerate loop,
+        a micro-batch that does not finish a gradient accumulation is only counted (its loss goes
+        into the step's mean loss); the step is reported, and commands run, at the optimizer step.
         """
         if self._epoch_full:
             self._close_epoch(None)
         if loss is not None:
             metrics["loss"] = loss.detach() if isinstance(loss, torch.Tensor) else loss
-        self.record_step(metrics, samples=self._batch_size)
+        if not self.framework.accumulation_complete():
+            if loss is not None:
+                self._micro_loss = metrics["loss"] if self._micro_loss is None else self._micro_loss + metrics["loss"]
+            self._micro += 1
+            return self.state.running and self.lifecycle.finish_requested is None
+        batches = self._micro + 1
+        if self._micro:
+            if self._micro_loss is not None and loss is not None:
+                metrics["loss"] = (self._micro_loss + metrics["loss"]) / batches
+            self._micro, self._micro_loss = 0, None
+        self.record_step(metrics, samples=self._batch_size * batches,
+                         batch_in_epoch=self.state.batch_in_epoch + batches)
         keep_going = self.tick()
         if self._epoch_len is not None and self.state.batch_in_epoch >= self._epoch_len:
             self._epoch_full = True
@@ -108,8 +176,10 @@ class OwnLoopSession(OnTheFlyExternalSession):
         if loader is None:
             raise RuntimeError("session.batches() needs the train_loader passed to onthefly.attach()")
         self._epoch_len = _length(loader)
-        self._batch_size = int(getattr(loader, "batch_size", None) or 0)
+        self._batch_size = _batch_size(loader)
         self._moved = False
+        if callable(getattr(loader, "set_epoch", None)):
+            loader.set_epoch(st.epoch)  # a loader that counts its own epochs (Accelerate's) follows the run
         moves = self.lifecycle.moves
         self.session_positions_data = True
         try:
@@ -200,8 +270,14 @@ class OwnLoopSession(OnTheFlyExternalSession):
 
     def start(self, train_loader: Any) -> None:
         self._epoch_len = _length(train_loader)
-        self._batch_size = int(getattr(train_loader, "batch_size", None) or 0)
+        self._batch_size = _batch_size(train_loader)
         self.before_training()
+
+
+def _batch_size(loader: Any) -> int:
+    """Samples per batch (a loader built with a batch sampler has it there), 0 if unknown."""
+    size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return int(size or 0)
 
 
 def _length(loader: Any) -> int | None:
@@ -234,6 +310,7 @@ def attach(
     embedding_hook: Callable[..., Any] | None = None,
     resume_from: str | os.PathLike | None = None,
     resume_run: str | None = None,
+    accelerator: Any = None,
     **settings: Any,
 ) -> OwnLoopSession:
     """Connect a hand-written training loop to a dashboard; returns the session to call `step()` on.
@@ -244,14 +321,22 @@ def attach(
     or a session bundle (`resume_run`: which of its runs); iterate `session.epochs()` /
     `session.batches()` to continue mid-epoch exactly. Other
     `SessionConfig` settings (for example `log_every_n_steps`, `do_test_after`, `ckpt_keep`) may
-    be passed as keywords.
+    be passed as keywords. `accelerator`: the loop's `accelerate.Accelerator` (found from a
+    prepared optimizer when not given); the session then binds the unwrapped model and the torch
+    optimizer inside Accelerate's, and counts optimizer steps (see the module docstring).
     """
     settings.setdefault("diagnostics_every_n_steps", EXTERNAL_DIAGNOSTICS_EVERY)
     config = SessionConfig(project=project, run_name=run_name, transport=transport, save_dir=save_dir,
                            dashboard_port=dashboard_port, **settings)
-    session = OwnLoopSession(config, channel=channel)
+    parts = accelerate_parts(accelerator, model, optimizer, scheduler)
+    if parts is not None:
+        model, optimizer, scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+        device = device if device is not None else parts["device"]
+    session = OwnLoopSession(config, channel=channel, framework=parts["loop"] if parts is not None else None)
     try:
         session.bind_runtime(model, optimizer, scheduler, device)
+        if parts is not None:
+            session.scaler = parts["scaler"]
         session.configure_loss_fn(loss_fn)
         session.configure_loaders(train_loader, val_loader, test_loader)
         session.model_factory = model_factory

@@ -1,5 +1,6 @@
-"""The same small problem run three ways — native Trainer, an own loop (`attach`), Lightning — each
-connected over loopback TCP to a test dashboard, so one suite can drive all of them alike.
+"""The same small problem run four ways — native Trainer, an own loop (`attach`), Lightning, and the
+Hugging Face Trainer (`attach_hf`) — each connected over loopback TCP to a test dashboard, so one
+suite can drive all of them alike.
 
 The training set is a `random_split` part of a bigger dataset (so dataset indices are not
 0..n-1), training runs on a background thread, and every runtime is configured to keep going
@@ -77,13 +78,21 @@ class SlowCollate:
         return default_collate(items)
 
 
-def make_problem(seed: int = 0, *, workers: int = 0, delay: float = 0.0) -> Problem:
+def problem_dataset() -> TensorDataset:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(N_TOTAL, 8, generator=g)
     w = torch.randn(8, 3, generator=g)
     y = (x @ w).argmax(dim=1)
-    full = TensorDataset(x, y)
-    train, val, test = random_split(full, [N_TRAIN, N_VAL, N_TEST], generator=torch.Generator().manual_seed(7))
+    return TensorDataset(x, y)
+
+
+def split(full: Any) -> list[Any]:
+    """Train, val and test parts of `full` (the same indices for any dataset of N_TOTAL samples)."""
+    return random_split(full, [N_TRAIN, N_VAL, N_TEST], generator=torch.Generator().manual_seed(7))
+
+
+def make_problem(seed: int = 0, *, workers: int = 0, delay: float = 0.0) -> Problem:
+    train, val, test = split(problem_dataset())
     loader_gen = torch.Generator().manual_seed(seed)
     return Problem(
         train, val, test,
@@ -255,10 +264,69 @@ def lightning_run(port: int, tmp_path: Path, *, epochs: int = 1000, seed: int = 
     return Run("lightning", target)
 
 
+class Named(torch.utils.data.Dataset):
+    """The problem's `(x, y)` samples as the dicts a Hugging Face Trainer feeds a model: `{"x", "labels"}`."""
+
+    def __init__(self, base: TensorDataset) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.base[i]
+        return {"x": x, "labels": y}
+
+
+def hf_run(port: int, tmp_path: Path, *, epochs: int = 1000, seed: int = 0, delay: float = 0.0,
+           resume_from: Any = None, resume_run: str | None = None, **settings: Any) -> Run:
+    import transformers
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class HFNet(nn.Module):
+        """The problem's net as HF models are called: keyword inputs, a `ModelOutput` with loss and logits."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net()
+
+        def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
+            logits = self.net(x)
+            loss = None if labels is None else F.cross_entropy(logits, labels)
+            return SequenceClassifierOutput(loss=loss, logits=logits)
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if delay:
+            time.sleep(delay)
+        return transformers.default_data_collator(items)
+
+    def target(run: Run) -> None:
+        transformers.logging.set_verbosity_error()
+        seed_all(seed)
+        train, val, test = split(Named(problem_dataset()))
+        model = HFNet()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / "hf"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
+            num_train_epochs=epochs, lr_scheduler_type="constant", eval_strategy="epoch", save_strategy="no",
+            logging_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=seed)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                                       data_collator=collate,
+                                       optimizers=(torch.optim.Adam(model.parameters(), lr=0.01), None))
+        options = session_settings(port, tmp_path, settings)
+        session = onthefly.attach_hf(trainer, test_dataset=test, resume_from=resume_from, resume_run=resume_run,
+                                     **options)
+        run.session, run.model, run.initial = session, model, weights(model)
+        run.created.set()
+        trainer.train()
+
+    return Run("hf", target)
+
+
 RUNTIMES: dict[str, Callable[..., Run]] = {
     "trainer": trainer_run,
     "own_loop": own_loop_run,
     "lightning": lightning_run,
+    "hf": hf_run,
 }
 
 

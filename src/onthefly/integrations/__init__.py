@@ -1,8 +1,9 @@
-"""Framework integrations, imported lazily: Lightning (`attach_lightning`).
+"""Framework integrations, imported lazily: Lightning (`attach_lightning`), Hugging Face (`attach_hf`).
 
-`from onthefly.integrations import attach_lightning` imports Lightning only at that moment, so
-the core never depends on it. The protocol every integration implements, `FrameworkDelegate`,
-lives in the session layer (`onthefly.session.delegate`).
+`from onthefly.integrations import attach_lightning` imports Lightning only at that moment (and
+`attach_hf` / `HFCallback` import transformers only then), so the core never depends on them.
+The protocol every integration implements, `FrameworkDelegate`, lives in the session layer
+(`onthefly.session.delegate`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ _LAZY: dict[str, tuple[str, str]] = {
     "attach_lightning": (".lightning", "attach_lightning"),
     "LightningDelegate": (".lightning", "LightningDelegate"),
     "OnTheFlyCallback": (".lightning", "OnTheFlyCallback"),
+    "attach_hf": (".hf.attach", "attach_hf"),
+    "HFCallback": (".hf.callback", "HFCallback"),
+    "HFDelegate": (".hf.delegate", "HFDelegate"),
 }
 
 __all__ = list(_LAZY)

@@ -201,11 +201,16 @@ def estimate_fisher(
 def _default_outputs(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Tensor):
         return model(batch)
+    if isinstance(batch, Mapping) and batch:
+        # Keyword inputs (a Hugging Face batch): the model's output is a mapping holding `logits`.
+        out = model(**batch)
+        logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+        return out if logits is None else logits
     if isinstance(batch, (list, tuple)) and batch:
         return model(batch[0])
     raise MergeError(
-        f"distill_merge: the default forward expects a tensor or an (x, ...) batch, got "
-        f"{type(batch).__name__}; pass forward=(model, batch) -> outputs"
+        f"distill_merge: the default forward expects a tensor, an (x, ...) batch or a mapping of keyword "
+        f"inputs, got {type(batch).__name__}; pass forward=(model, batch) -> outputs"
     )
 
 def _resolve_task(task: str, batch: Any, output: Tensor) -> str:
