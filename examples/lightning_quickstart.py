@@ -21,11 +21,14 @@ from torch.utils.data import DataLoader, TensorDataset
 import onthefly
 
 
+# One labelling rule for every split: a fixed linear "teacher" with a little label noise.
+TEACHER = torch.randn(20, 4, generator=torch.Generator().manual_seed(1234))
+
+
 def make_data(n: int, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 20, generator=g)
-    w = torch.randn(20, 4, generator=g)
-    y = (x @ w + 0.3 * torch.randn(n, 4, generator=g)).argmax(dim=1)
+    y = (x @ TEACHER + 0.3 * torch.randn(n, 4, generator=g)).argmax(dim=1)
     return TensorDataset(x, y)
 
 

@@ -1,7 +1,8 @@
 """Every command, the same payloads and the same assertions, on every runtime, over the real wire.
 
-Each test drives a live run (paused before its first step by the `live` fixture) of the native
-Trainer, an own loop (`attach` with `session.epochs()`/`session.batches()`) and Lightning.
+Each test drives a live run (paused before its first step by the `live` fixture) of every runtime
+in `runtimes.RUNTIMES`: the native Trainer, an own loop (`attach` with `session.epochs()` /
+`session.batches()`), Lightning and the Hugging Face Trainer.
 """
 
 from __future__ import annotations

@@ -201,8 +201,12 @@ class CheckpointMixin:
         """A checkpoint path from the wire: any readable file that holds a checkpoint we can load.
 
         Reads are allowed anywhere (loading is weights-only); a file that is not a checkpoint —
-        or holds objects onthefly will not unpickle — is `bad_payload` naming the field.
+        or holds objects onthefly will not unpickle — is `bad_payload` naming the field. A folder is
+        a framework's native checkpoint (e.g. a Hugging Face checkpoint folder), for the runtimes
+        that have one.
         """
+        if isinstance(value, str) and Path(value).expanduser().is_dir() and self.framework.native_folders:
+            return Path(value).expanduser().resolve()
         path = self.storage.resolve_read_path(value, field)
         try:
             read_meta(path)
@@ -213,6 +217,14 @@ class CheckpointMixin:
     def load_checkpoint_into_state(self, path: str | Path, *, restore_rng: bool = True) -> dict[str, Any]:
         """Load a checkpoint into the live objects; the loop repositions after (same step, same batch)."""
         self.await_snapshot_copy()
+        if Path(path).is_dir():  # a framework's native checkpoint folder
+            info = self.framework.load_native_checkpoint(Path(path), {"format": "folder"})
+            if info is None:
+                raise CheckpointError(path, f"is a folder; the {self.framework.runtime} runtime has no "
+                                            "checkpoint folders")
+            self.mark_state_changed()
+            self.request_reposition()
+            return info
         document = load_checkpoint(path)
         if document.get("format") == "lightning":
             info = self.framework.load_native_checkpoint(Path(path), document)

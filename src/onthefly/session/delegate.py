@@ -37,6 +37,8 @@ class FrameworkDelegate:
 
     #: The runtime's name, as `server_info` and `status` report it.
     runtime: str = "custom"
+    #: Whether `load_native_checkpoint` takes checkpoint folders (e.g. Hugging Face's), so `load_ckpt` may name one.
+    native_folders: bool = False
     session: OnTheFlySessionBase | None = None
     boundary_hook: BoundaryHook | None = None
 

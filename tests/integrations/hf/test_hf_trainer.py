@@ -291,7 +291,7 @@ def test_hf_checkpoint_folder_is_written_on_request_and_hf_resumes_from_it(tmp_p
     assert_same_weights(weights(trainer.model), weights(resumed.model))  # HF's resume is exact, attached too
 
 
-def test_the_delegate_loads_an_hf_checkpoint_folder_into_a_live_trainer(tmp_path):
+def test_load_ckpt_takes_an_hf_checkpoint_folder_into_a_live_trainer(tmp_path):
     holder: dict = {}
 
     def script(server, results):
@@ -312,7 +312,7 @@ def test_the_delegate_loads_an_hf_checkpoint_folder_into_a_live_trainer(tmp_path
     loaded = {}
 
     def load(state):
-        loaded["info"] = second_session.framework.load_native_checkpoint(folder, {})
+        loaded["info"] = second_session.call("load_ckpt", {"path": str(folder)})  # a folder, as on the wire
         loaded["weights"] = weights(second.model)
         loaded["adam_steps"] = {int(s["step"]) for s in second.optimizer.optimizer.state.values()}
         loaded["global_step"] = state.global_step

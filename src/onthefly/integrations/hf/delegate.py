@@ -53,6 +53,7 @@ class HFDelegate(FrameworkDelegate):
     """Translates session requests into the HF `Trainer`: stop, test, checkpoints, data, its state."""
 
     runtime = "hf"
+    native_folders = True
     session: HFSession | None
 
     def __init__(self, trainer: Trainer, callback: HFCallback, *, test_dataset: Any = None,
