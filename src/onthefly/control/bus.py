@@ -56,6 +56,10 @@ _MAX_EVENTS_PAGE = 10_000
 WINDOW_BYTES = 2 << 20
 #: Default bound on reply bytes held while a dashboard is not reading.
 REPLY_WINDOW_BYTES = 4 << 20
+#: The reader stops taking lines while this many replies wait to be written (flow control).
+PACE_REPLIES = 1024
+#: ...but for at most this long per line, so a dashboard that never reads cannot wedge the reader.
+PACE_WAIT_S = 2.0
 
 
 def events_since_page(event_log: EventLog, after_seq: int, limit: int = 1000) -> dict:
@@ -174,6 +178,7 @@ class ControlBus:
         self._closed = False
         self._close_lock = threading.Lock()
         self._replies_after_close = 0
+        self._outbox_replies = 0  # replies queued for the writer, not yet handed to the sender
         #: Requests answered `busy` because the command queue was full.
         self.busy_replies = 0
         #: Events refused because the bus was already closed (each one is logged).
@@ -283,11 +288,14 @@ class ControlBus:
             self._replies_after_close += 1
             log.warning("onthefly: reply to %r produced after the control bus closed; dropped", reply["id"])
             return
+        with self._seq_lock:  # several threads reply; a lost update would skew the pacing
+            self._outbox_replies += 1
         self._out.put((_REPLY, reply), urgent=True)
 
     # ---- inbound (the channel's reader thread) ---------------------------------------------
     def line_received(self, line: str) -> None:
         """Parse a line; bad ones are answered at once, good ones queued (or answered `busy`)."""
+        self._pace_inbound()
         try:
             request = parse_request(line)
         except ProtocolError as exc:
@@ -302,6 +310,27 @@ class ControlBus:
                 ErrorCode.BUSY,
                 f"command queue is full ({self.queue_size} waiting); {request.cmd!r} was not accepted, retry later",
             )
+
+    def _pace_inbound(self) -> None:
+        """Flow control: while many replies wait to be written, read no more commands (for a while).
+
+        A dashboard that sends thousands of commands at once is answered at the pace it reads:
+        without this, replies produced faster than the sender writes would overflow its bounded
+        window and be dropped. The wait is bounded (`PACE_WAIT_S` per line), so a dashboard that
+        never reads only meets the window's bound, never a wedged reader.
+        """
+        if self._outbox_replies + self._sender.reply_backlog < PACE_REPLIES:
+            return
+        deadline = time.monotonic() + PACE_WAIT_S
+        while (
+            self._outbox_replies + self._sender.reply_backlog >= PACE_REPLIES
+            and self.channel.connected
+            and not self._closed
+        ):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._sender.wait_progress(min(left, 0.05))
 
     def line_rejected(self, error: ProtocolError) -> None:
         """An undecodable or oversize line: report it as an `error` event."""
@@ -421,6 +450,11 @@ class ControlBus:
                 for item in batch:
                     if item[0] == _MARK:
                         item[1].set()  # nobody may wait forever on a batch that failed
+            finally:
+                handed = sum(1 for item in batch if item[0] == _REPLY)
+                if handed:  # handed to the sender (or lost with a failed batch): no longer ours
+                    with self._seq_lock:
+                        self._outbox_replies -= handed
             if any(item[0] == _STOP for item in batch):
                 return
 

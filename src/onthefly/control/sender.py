@@ -151,6 +151,16 @@ class Sender:
         return self._thread is not None and self._thread.is_alive()
 
     @property
+    def reply_backlog(self) -> int:
+        """Replies held in memory, waiting to be written."""
+        return self._reply_count
+
+    def wait_progress(self, timeout: float) -> None:
+        """Block up to `timeout` s, or until the thread has written (or dropped) a batch."""
+        with self._cond:
+            self._cond.wait(timeout)
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes of lines held in memory for sending right now (events and replies)."""
         return self._event_bytes + self._reply_total
@@ -262,6 +272,8 @@ class Sender:
                 self._stall_warned = False
             else:
                 self.dropped_replies += replies  # the events stay at the cursor: the log has them
+            if replies:
+                self._cond.notify_all()  # a reader pacing itself on the reply backlog may go on
         for mark in marks:
             mark.set()
         if not ok:
