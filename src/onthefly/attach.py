@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from .control.channels import Channel
+from .mixins.hparams import GradClipHook
 from .session.config import SessionConfig
 from .session.delegate import FrameworkDelegate
 from .session.external import EXTERNAL_DIAGNOSTICS_EVERY, OnTheFlyExternalSession
@@ -55,9 +56,27 @@ class OwnLoop(FrameworkDelegate):
 
     runtime = "own_loop"
 
+    def __init__(self) -> None:
+        self.clip_hook = GradClipHook()
+
+    def data_edit_timing(self) -> str | None:
+        """At once while the loop iterates `session.batches()`; never when it iterates its own loader."""
+        session = self.session
+        return "now" if session is not None and session.session_positions_data else None
+
+    def loop_settings(self) -> dict[str, Any]:
+        return {"grad_clip_norm": self.clip_hook.norm}
+
+    def apply_loop_settings(self, changes: dict[str, Any]) -> None:
+        """Clip with an optimizer step pre-hook: the loop's own `optimizer.step()` (or `scaler.step`) clips."""
+        session = self.session
+        if "grad_clip_norm" in changes and session is not None and session.optimizer is not None:
+            self.clip_hook.set([session.optimizer, *session.extra_optimizers], changes["grad_clip_norm"])
+
     def accumulation_complete(self) -> bool:
         """Whether the step just reported ended with an optimizer step (a plain loop steps every batch)."""
         return True
+
 
 
 class AccelerateLoop(OwnLoop):
@@ -66,6 +85,7 @@ class AccelerateLoop(OwnLoop):
     runtime = "accelerate"
 
     def __init__(self, gradient_state: Any) -> None:
+        super().__init__()
         self.gradient_state = gradient_state
 
     def accumulation_complete(self) -> bool:
@@ -181,8 +201,12 @@ class OwnLoopSession(OnTheFlyExternalSession):
         if callable(getattr(loader, "set_epoch", None)):
             loader.set_epoch(st.epoch)  # a loader that counts its own epochs (Accelerate's) follows the run
         moves = self.lifecycle.moves
-        self.session_positions_data = True
+        self.session_positions_data = True  # a command that moves the run here moves these batches too
         try:
+            at_boundary = self.gate.pending or self.ranks is not None  # every rank decides alike
+            if at_boundary and (not self.tick() or self.lifecycle.moves != moves):
+                self._moved = self.lifecycle.moves != moves  # a command at the epoch's start moved the run
+                return  # the start of an epoch is a boundary too: a held run (start_paused) waits here
             for batch in self.open_epoch_iterator(loader, st.epoch, st.batch_in_epoch):
                 yield batch
                 if self.lifecycle.moves != moves:

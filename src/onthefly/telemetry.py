@@ -143,6 +143,9 @@ class StepTelemetry:
         self._mem_mib: float | None = None
         self.configure(log_every, diag_every, diag_interval, log_interval)
 
+    #: Processes training alike (the ranks of a distributed run): throughput counts them all.
+    samples_scale = 1
+
     def configure(self, log_every: int | None, diag_every: int, diag_interval: float,
                   log_interval: float = 0.02, step: int = 0) -> None:
         """Take new cadences (a changed config) and start over at `step`."""
@@ -206,7 +209,8 @@ class StepTelemetry:
         """
         now = time.perf_counter()
         elapsed = now - self._clock
-        throughput = self._samples / elapsed if elapsed > 0 and self._samples else None
+        samples = self._samples * self.samples_scale
+        throughput = samples / elapsed if elapsed > 0 and samples else None
         self._clock = self._emitted_at = now
         self._samples = 0
         self.unreported = 0

@@ -31,8 +31,10 @@ class Trainer:
         *,
         transport: str | None = None,
         channel: Channel | None = None,
+        autopilot: Any = None,
         **settings: Any,
     ) -> None:
+        """`autopilot`: True for the default recovery rules, or a list of rules (docs/interventions.md)."""
         if transport is None and not auto_connect:
             transport = "off"
         values: dict[str, Any] = dict(session_defaults or {})
@@ -45,7 +47,9 @@ class Trainer:
         self.config = SessionConfig(**values)
         self._channel = channel
         self._custom_step: Callable[..., Any] | None = None
+        self._autopilot = autopilot
         self.session = OnTheFlySession(self.config, channel=channel)
+        self.session.configure_autopilot(autopilot)
 
     def training_step(self, fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
         """Decorator: `fn(batch, state)` does the whole step and returns a dict of metrics."""
@@ -84,6 +88,7 @@ class Trainer:
         if session.lifecycle.closed:  # a second fit() starts a new session
             self.session = session = OnTheFlySession(self.config, channel=self._channel)
             session.custom_step = self._custom_step
+            session.configure_autopilot(self._autopilot)
         cfg = session.cfg
         if amp is not None:
             cfg.amp = bool(amp)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from onthefly import verify_bundle
@@ -236,6 +235,18 @@ BAD_PAYLOADS = [
     ("events_since", {"event_seq": -1}, "bad_payload"),
     ("activations_health", {"topk": 0}, "bad_payload"),
     ("list_checkpoints", {"run_id": "nope"}, "not_found"),
+    ("set_hparams", {"no_such_key": 1.0}, "bad_payload"),
+    ("set_hparams", {"accumulate_grad_batches": 0}, "bad_payload"),
+    ("layer_op", {"path": "no.such.module", "op": "freeze"}, "not_found"),
+    ("layer_op", {"path": "", "op": "set_dropout", "p": -0.1}, "bad_payload"),
+    ("list_modules", {"path": "no.such.module"}, "not_found"),
+    ("set_data_weights", {"weights": [1.0, 2.0]}, "bad_payload"),
+    ("set_data_weights", {"indices": [0], "weight": -2.0}, "bad_payload"),
+    ("drop_samples", {"indices": [100_000]}, "bad_payload"),
+    ("drop_samples", {}, "bad_payload"),
+    ("restore_samples", {"indices": [-1]}, "bad_payload"),
+    ("rollback", {"step": 123_456}, "not_found"),
+    ("autopilot", {"action": "explode"}, "bad_payload"),
     ("no_such_command", {}, "unknown_command"),
 ]
 
@@ -254,5 +265,6 @@ def test_bad_payloads_get_the_same_codes_and_training_continues(live, runtime, t
     status = dash.request("status")
     assert status["run_id"] == "baseline" and status["step"] == before["step"]
     assert [r["run_id"] for r in dash.request("list_runs")["runs"]] == ["baseline"]  # no failed fork left behind
+    assert run.session.sampling_plan is None and dash.request("data_sampling")["dropped"] == []
     dash.request("resume")
     dash.wait_steps("baseline", before["step"] + 3)

@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from onthefly import Trainer, fileio

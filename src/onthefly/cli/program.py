@@ -1,4 +1,4 @@
-"""The `onthefly` program: the `listen` and `run` subcommands, the argument parser (with `dashboard`) and `main`.
+"""The `onthefly` program: the `listen` and `run` subcommands, the argument parser (with `dashboard` and `replay`) and `main`.
 
 `listen` waits for a training process over TCP, `run` starts a script over stdio; both show the
 terminal view and read typed commands. `dashboard` serves the web page; it imports the web
@@ -16,6 +16,7 @@ from .._version import __version__
 from ..client import DashboardServer, ProcessDashboard
 from .common import KEEP_EVENTS, exit_status, pump_events, script_argv, write_text_atomic
 from .console import CommandConsole
+from .replay import add_replay_parser
 from .views import make_view
 from .web import add_dashboard_parser
 
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch and steer a running PyTorch training from the terminal or a web page.",
     )
     parser.add_argument("--version", action="version", version=f"onthefly {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{listen,run,dashboard}")
+    sub = parser.add_subparsers(dest="command", metavar="{listen,run,dashboard,replay}")
 
     listen = sub.add_parser("listen", help="wait for a training process to connect over TCP")
     listen.add_argument("--port", type=int, default=None, help="port (default $ONTHEFLY_DASHBOARD_PORT or 47621; 0: any free port)")
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(handler=cmd_run)
 
     add_dashboard_parser(sub)
+    add_replay_parser(sub)
     return parser
 
 

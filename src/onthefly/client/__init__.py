@@ -12,7 +12,8 @@ pair of byte streams:
 Events are delivered exactly once and in `event_seq` order across reconnects: duplicates are
 dropped, and a gap is filled with the `events_since` command (`ordering.py`), run as a small
 state machine on the reader thread so the reply (which arrives on the same stream) is never
-waited for there. `wire.py` holds the request encoding, port resolution and the errors.
+waited for there. `wire.py` holds the request encoding, port resolution and the errors; `tools.py` turns
+`describe_commands` into tool specs for agents.
 This package is pure Python; it must not import torch.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from .base import DashboardBase
 from .process import ProcessDashboard
 from .server import DashboardServer
+from .tools import ToolArgumentError, check_arguments, tool_specs
 from .wire import (
     DEFAULT_PORT,
     MAX_LINE_BYTES,
@@ -40,6 +42,9 @@ __all__ = [
     "DashboardBase",
     "DashboardServer",
     "ProcessDashboard",
+    "ToolArgumentError",
+    "check_arguments",
+    "tool_specs",
     "encode_request",
     "resolve_port",
 ]

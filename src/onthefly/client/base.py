@@ -20,6 +20,7 @@ from typing import Any
 
 from .link import Link, Pending
 from .ordering import EventSequencer, GapFill
+from .tools import check_arguments, tool_specs
 from .wire import MAX_LINE_BYTES, RequestError, TrainerDisconnected, encode_request, line_text, parse_line
 
 __all__ = ["DashboardBase"]
@@ -227,6 +228,19 @@ class DashboardBase(abc.ABC):
         if pending.error is not None:
             raise pending.error
         return pending.reply
+
+    def describe_commands(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Every command the trainer offers: description, `mutating`, and its payload's JSON Schema."""
+        return self.request("describe_commands", {}, timeout=timeout)
+
+    def tools(self, timeout: float = 30.0, *, include_mutating: bool = True) -> list[dict[str, Any]]:
+        """The trainer's commands as tool specs (`{"name", "description", "input_schema", "mutating"}`)."""
+        return tool_specs(self.describe_commands(timeout), include_mutating=include_mutating)
+
+    def call_tool(self, tool: dict[str, Any], arguments: dict[str, Any] | None = None, timeout: float = 60.0) -> Any:
+        """Check `arguments` against `tool`'s schema (`ToolArgumentError`), then send the command."""
+        check_arguments(tool, arguments or {})
+        return self.request(tool["name"], arguments or {}, timeout=timeout)
 
     def send(self, cmd: str, payload: dict[str, Any] | None = None) -> None:
         """Fire-and-forget: a command without `id`, so the trainer sends no reply."""

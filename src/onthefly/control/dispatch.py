@@ -60,7 +60,8 @@ class CommandDispatcher:
         if not spec.mutating:
             self._answer(request, spec, lambda: self.router.execute(spec, payload))
             return None
-        future = self.gate.submit(lambda: self.router.execute(spec, payload), name=spec.name)
+        future = self.gate.submit(lambda: self.router.execute(spec, payload), name=spec.name,
+                                  replica=(spec.name, payload, "wire"))
         future.add_done_callback(lambda f: self._reply_from_future(request, spec, f))
         return future
 

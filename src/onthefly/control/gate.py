@@ -17,6 +17,22 @@ from typing import Any, Callable, Protocol, runtime_checkable
 Job = Callable[[], Any]
 
 
+class JobHooks(Protocol):
+    """What a distributed session does around each job: tell the other ranks, then compare outcomes.
+
+    `replica` is the job's picklable description (command name and validated payload), or None
+    for a job only this process can run. An exception from a hook is fatal to the loop: it fails
+    the job and propagates to the training thread.
+    """
+
+    def before_job(self, name: str, replica: Any) -> None: ...
+
+    def after_job(self, name: str, replica: Any, error: BaseException | None) -> None: ...
+
+    def idle(self) -> None:
+        """Called about every `poll` seconds while the paused loop waits for a job."""
+
+
 class GateClosed(RuntimeError):
     """The gate was closed (training ended with nobody left to run the job)."""
 
@@ -32,25 +48,30 @@ class PauseGate:
         #: The one flag the loop reads per batch: a job is waiting, or the run is paused.
         self.pending: bool = False
         self.paused: bool = False
-        self._jobs: deque[tuple[Job, Future, str]] = deque()
+        self._jobs: deque[tuple[Job, Future, str, Any]] = deque()
         self._cv = threading.Condition()
         self._closed = False
         #: Wraps every job (e.g. an RNG guard so a pause window leaves training untouched).
         self.job_context: Callable[[str], AbstractContextManager[Any]] = lambda name: nullcontext()
+        #: Set by a distributed session while its ranks share a pause window (see `JobHooks`).
+        self.hooks: JobHooks | None = None
 
     # ---- any thread -------------------------------------------------------------------------
     def should_block(self) -> bool:
         """True when the training thread must stop at this boundary (O(1), no lock)."""
         return self.pending
 
-    def submit(self, job: Job, *, name: str = "job") -> Future:
-        """Queue `job` for the training thread; its result or exception lands in the future."""
+    def submit(self, job: Job, *, name: str = "job", replica: Any = None) -> Future:
+        """Queue `job` for the training thread; its result or exception lands in the future.
+
+        `replica` describes the job to other ranks of a distributed run (see `JobHooks`).
+        """
         future: Future = Future()
         with self._cv:
             if self._closed:
                 future.set_exception(GateClosed(f"cannot run {name!r}: training is no longer running"))
                 return future
-            self._jobs.append((job, future, name))
+            self._jobs.append((job, future, name, replica))
             self.pending = True
             self._cv.notify_all()
         return future
@@ -79,7 +100,7 @@ class PauseGate:
             self.paused = False
             self.pending = False
             self._cv.notify_all()
-        for _, future, name in leftovers:
+        for _, future, name, _ in leftovers:
             if future.set_running_or_notify_cancel():
                 future.set_exception(GateClosed(f"cannot run {name!r}: {reason}"))
 
@@ -100,8 +121,8 @@ class PauseGate:
                 if not self._jobs:
                     self.pending = self.paused
                     return ran
-                job, future, name = self._jobs.popleft()
-            self._run(job, future, name)
+                job, future, name, replica = self._jobs.popleft()
+            self._run(job, future, name, replica)
             ran += 1
 
     def service(self, *, keep_going: Callable[[], bool] = lambda: True, poll: float = 0.25) -> int:
@@ -113,12 +134,16 @@ class PauseGate:
         ran = self.run_pending()
         while keep_going():
             with self._cv:
-                if not self._jobs:
+                idle = not self._jobs
+                if idle:
                     if not self.paused or self._closed:
-                        self.pending = bool(self._jobs) or self.paused
+                        self.pending = self.paused
                         return ran
                     self._cv.wait(timeout=poll)
-                    continue
+            if idle:
+                if self.hooks is not None:
+                    self.hooks.idle()
+                continue
             ran += self.run_pending()
         return ran
 
@@ -131,18 +156,35 @@ class PauseGate:
                     continue
             self.run_pending()
 
-    def _run(self, job: Job, future: Future, name: str) -> None:
+    def _run(self, job: Job, future: Future, name: str, replica: Any = None) -> None:
         if not future.set_running_or_notify_cancel():
             return
+        hooks = self.hooks
+        if hooks is not None:
+            try:
+                hooks.before_job(name, replica)
+            except BaseException as exc:
+                future.set_exception(exc)
+                raise
+        error: BaseException | None = None
+        result: Any = None
         try:
             with self.job_context(name):
                 result = job()
-        except BaseException as exc:  # handed to the waiting requester, never lost
-            future.set_exception(exc)
-            if not isinstance(exc, Exception):
+        except BaseException as exc:
+            error = exc
+        if hooks is not None:
+            try:
+                hooks.after_job(name, replica, error)
+            except BaseException as exc:
+                future.set_exception(error if error is not None else exc)
                 raise
-        else:
+        if error is None:
             future.set_result(result)
+            return
+        future.set_exception(error)  # handed to the waiting requester, never lost
+        if not isinstance(error, Exception):
+            raise error
 
 
 @runtime_checkable

@@ -148,8 +148,10 @@ class CommandRouter:
 def validate_payload(schema: type, payload: Mapping[str, Any]) -> Any:
     """Build an instance of dataclass `schema` from `payload`, checking every field's type.
 
-    Required fields (no default) must be present; unknown keys are ignored; a field's
-    `metadata={"aliases": (...)}` names keys that fill it when the canonical key is absent.
+    Required fields (no default) must be present; unknown keys are ignored, unless one field
+    has `metadata={"extra_keys": True}` (a `dict[str, T]`): it then receives every undeclared
+    key not starting with `_`, each checked as a `T`. A field's `metadata={"aliases": (...)}`
+    names keys that fill it when the canonical key is absent.
     `Annotated` constraints are checked after conversion, and every float must be finite and
     every int fit in int64. A `ValueError`, `TypeError`, `OverflowError` or `IndexError` raised
     by the schema's `__post_init__` is reported as `bad_payload` too: validation never lets an
@@ -182,8 +184,19 @@ _CHECKED: set[type] = set()
 
 def _check_fields(schema: type, seen: set[type]) -> None:
     seen.add(schema)  # a schema may refer to itself (a tree); check each one once
+    extra = [f for f in dataclasses.fields(schema) if f.metadata.get("extra_keys")]
+    if len(extra) > 1:
+        raise TypeError(f"{schema.__name__}: only one field may collect the extra keys, got "
+                        f"{[f.name for f in extra]}")
     for name, hint in payload_fields(schema):
+        if extra and name == extra[0].name and typing.get_origin(_strip_annotated(hint)) is not dict \
+                and _strip_annotated(hint) is not dict:
+            raise TypeError(f"{schema.__name__}.{name}: the extra-keys field must be a dict[str, ...], got {hint!r}")
         _check_annotation(hint, f"{schema.__name__}.{name}", seen)
+
+
+def _strip_annotated(hint: Any) -> Any:
+    return typing.get_args(hint)[0] if typing.get_origin(hint) is _Annotated else hint
 
 
 def _check_annotation(hint: Any, where: str, seen: set[type]) -> None:
@@ -244,8 +257,12 @@ def _build(schema: type, payload: Any, path: str) -> Any:
         raise _bad(path, f"object ({schema.__name__})", payload)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     values: dict[str, Any] = {}
+    extra = extra_keys_field(schema)
     for name, hint in payload_fields(schema):
         field = fields[name]
+        if name == extra:
+            values[name] = _convert(hint, _undeclared_keys(schema, payload), path)
+            continue
         key = name
         if key not in payload:
             key = next((alias for alias in field.metadata.get("aliases", ()) if alias in payload), "")
@@ -261,6 +278,24 @@ def _build(schema: type, payload: Any, path: str) -> Any:
         raise
     except (ValueError, TypeError, OverflowError, IndexError) as exc:  # a schema's own __post_init__ check
         raise ProtocolError(ErrorCode.BAD_PAYLOAD, f"{path}: {exc}") from exc
+
+
+def extra_keys_field(schema: type) -> str | None:
+    """The field that collects a payload's undeclared keys (`metadata={"extra_keys": True}`), if any."""
+    for f in dataclasses.fields(schema):
+        if f.metadata.get("extra_keys"):
+            return f.name
+    return None
+
+
+def _undeclared_keys(schema: type, payload: Mapping[str, Any]) -> dict[str, Any]:
+    """Keys of `payload` no field (or alias) declares; keys starting with `_` (`_trace`) stay ignored."""
+    declared: set[str] = set()
+    for f in dataclasses.fields(schema):
+        declared.add(f.name)
+        declared.update(f.metadata.get("aliases", ()))
+    return {key: value for key, value in payload.items()
+            if key not in declared and not (isinstance(key, str) and key.startswith("_"))}
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:

@@ -51,12 +51,21 @@ def _object_schema(schema: type, defs: dict[str, Any], names: dict[type, str]) -
     fields = {f.name: f for f in dataclasses.fields(schema)}
     properties: dict[str, Any] = {}
     required: list[str] = []
+    extra: dict[str, Any] | None = None
     for name, hint in payload_fields(schema):
         field = fields[name]
+        if field.metadata.get("extra_keys"):
+            # Its keys are the payload's own undeclared keys: describe them as additionalProperties.
+            extra = _type_schema(hint, defs, names).get("additionalProperties", {})
+            if field.metadata.get("description"):
+                extra = {**extra, "description": field.metadata["description"]}
+            continue
         prop = _type_schema(hint, defs, names)
         aliases = list(field.metadata.get("aliases", ()))
         if aliases:
             prop["x-aliases"] = aliases
+        if field.metadata.get("description"):
+            prop["description"] = str(field.metadata["description"])
         if field.default is not dataclasses.MISSING:
             prop["default"] = to_jsonable(field.default)
         elif field.default_factory is not dataclasses.MISSING:
@@ -67,7 +76,8 @@ def _object_schema(schema: type, defs: dict[str, Any], names: dict[type, str]) -
     document: dict[str, Any] = {"type": "object", "title": schema.__name__, "properties": properties}
     if required:
         document["required"] = required
-    document["additionalProperties"] = True  # unknown keys (e.g. the extension's `_trace`) are ignored
+    # Unknown keys (e.g. the extension's `_trace`) are ignored, or handed to the extra-keys field.
+    document["additionalProperties"] = True if extra is None else extra
     doc = (schema.__doc__ or "").strip()
     if doc and not doc.startswith(f"{schema.__name__}("):  # not the signature dataclass generates
         document["description"] = doc.splitlines()[0]

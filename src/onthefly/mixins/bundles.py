@@ -40,6 +40,8 @@ class BundleMixin:
         from ..session_bundle import export_session
 
         ckpt = {"path": self.save_checkpoint_now(), "run": self.cfg.run_name, "step": self.state.step}
+        if self.is_follower:
+            return {"ckpt": ckpt, "snapshots": [], "bundle": None}  # rank 0 writes the bundle
         self.bus.flush(timeout=10, wire=False)  # the event log on disk; a stalled dashboard must not delay it
         self.flush_manifests()
         if p.dir and p.dir.endswith(ARCHIVES):  # `dir` names the archive itself
@@ -57,6 +59,8 @@ class BundleMixin:
 
     @command("spill_all", PrepareExport, mutating=True, description="copy every run's checkpoints into a folder")
     def cmd_spill_all(self, p: PrepareExport) -> list[dict[str, Any]]:
+        if self.is_follower:
+            return []  # rank 0 copies the files
         out = self.export_folder(p.dir, f"spill-{self.session_id}")
         make_dirs(out)
         copied = []

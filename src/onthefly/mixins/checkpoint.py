@@ -29,6 +29,7 @@ from ..checkpoints import (
 )
 from ..control.constraints import SafeName
 from ..control.errors import CommandError, ErrorCode
+from ..ranks import rank_and_world
 from .command import command
 
 
@@ -109,6 +110,12 @@ class CheckpointMixin:
                 "subset_indices": list(self.active_subset) if self.active_subset is not None else None,
             },
         }
+        layers = self.layer_state()
+        if layers is not None:
+            state["layers"] = layers  # freezing and dropout set by layer_op (not in state_dict)
+        loop = self.loop_settings_state()
+        if loop:
+            state["loop_settings"] = loop  # grad clipping / accumulation set by set_hparams
         if self.extra_optimizers:
             state["extra_optimizers"] = [o.state_dict() for o in self.extra_optimizers]
         if self.extra_schedulers:
@@ -132,13 +139,25 @@ class CheckpointMixin:
         ck = self.checkpoints
         run_id, step, version = self.cfg.run_name, int(self.state.step), ck.version
         last = ck.last_saved
+        group = self.ranks
+        # (In a distributed run every rank must decide alike, so a failed write is not retried here.)
         if last is not None and (last.run_id, last.step, last.version) == (run_id, step, version) and not (
-            last.future.done() and last.future.exception() is not None
+            group is None and last.future.done() and last.future.exception() is not None
         ):
             return last.path, last.future
         ring = self.ring(run_id)
         path = ring.path_for(step)
         refs = self.capture_state()
+        if group is not None:
+            # One file for the job (rank 0 writes it), with every rank's RNG and data position in it.
+            states = group.all_gather({"rng": refs["rng"], "data": refs["data"]},
+                                      what="collecting every rank's RNG for a checkpoint")
+            refs["ranks"] = {"world": group.world, "states": states}
+            if not group.leader:
+                future: Future = Future()
+                future.set_result(str(path))
+                ck.last_saved = SavedCheckpoint(run_id, step, version, str(path), future)
+                return str(path), future
         meta = {"run_id": run_id, "step": step, "session_id": self.session_id, "project": self.cfg.project}
         if background_copy:
             copy_future = ck.snapshotter.submit(snapshot_to_host, refs)
@@ -173,6 +192,8 @@ class CheckpointMixin:
             return None
         path, written = self.save_checkpoint()
         written.result(timeout=timeout)
+        if self.ranks is not None:
+            self.ranks.barrier("waiting for rank 0 to write a checkpoint")  # every rank may read it next
         return path
 
     def await_snapshot_copy(self) -> None:
@@ -214,8 +235,13 @@ class CheckpointMixin:
             raise CommandError(f"{field}: {exc}", ErrorCode.BAD_PAYLOAD) from exc
         return path
 
-    def load_checkpoint_into_state(self, path: str | Path, *, restore_rng: bool = True) -> dict[str, Any]:
-        """Load a checkpoint into the live objects; the loop repositions after (same step, same batch)."""
+    def load_checkpoint_into_state(self, path: str | Path, *, restore_rng: bool = True,
+                                   position: bool = True) -> dict[str, Any]:
+        """Load a checkpoint into the live objects; the loop repositions after (same step, same batch).
+
+        With `position=False` (a rollback) only the weights, optimizers and scaler are restored:
+        the run keeps its step, data position, scheduler and RNG, and training goes on from there.
+        """
         self.await_snapshot_copy()
         if Path(path).is_dir():  # a framework's native checkpoint folder
             info = self.framework.load_native_checkpoint(Path(path), {"format": "folder"})
@@ -226,6 +252,8 @@ class CheckpointMixin:
             self.request_reposition()
             return info
         document = load_checkpoint(path)
+        if not position and document.get("format") == "lightning":
+            raise CheckpointError(path, "is a Lightning checkpoint; a rollback restores onthefly checkpoints only")
         if document.get("format") == "lightning":
             info = self.framework.load_native_checkpoint(Path(path), document)
             if info is None:
@@ -242,10 +270,10 @@ class CheckpointMixin:
             raise CheckpointError(path, f"model weights do not fit this model: {exc}") from exc
         pairs = [
             ([self.optimizer] if self.optimizer is not None else [], [document.get("optimizer")]),
-            ([self.scheduler] if self.scheduler is not None else [], [document.get("scheduler")]),
+            ([self.scheduler] if self.scheduler is not None and position else [], [document.get("scheduler")]),
             ([self.scaler] if self.scaler is not None else [], [document.get("scaler")]),
             (self.extra_optimizers, document.get("extra_optimizers") or []),
-            (self.extra_schedulers, document.get("extra_schedulers") or []),
+            (self.extra_schedulers if position else [], document.get("extra_schedulers") or []),
         ]
         try:
             for objects, states in pairs:
@@ -254,13 +282,19 @@ class CheckpointMixin:
                         obj.load_state_dict(state)
         except (RuntimeError, KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(path, f"optimizer/scheduler state does not fit: {exc}") from exc
+        if not position:
+            self.mark_state_changed()
+            return {"path": str(path), "step": int(document.get("step", 0)), "epoch": int(document.get("epoch", 0))}
+        self.restore_layer_state(document.get("layers"))
+        self.restore_loop_settings(document.get("loop_settings"))
         st = self.state
         st.step = int(document.get("step", 0))
         st.epoch = int(document.get("epoch", 0))
         st.batch_in_epoch = int(document.get("batch_in_epoch", 0))
         st.last_val_loss = document.get("last_val_loss")
         self.mark_state_changed()
-        self.schedule_resume(document.get("data") or {}, document.get("rng") if restore_rng else None)
+        data, rng = rank_position(document)
+        self.schedule_resume(data, rng if restore_rng else None)
         self.framework.restore_state(document.get("framework"), document)
         return {"path": str(path), "step": st.step, "epoch": st.epoch, "last_val_loss": st.last_val_loss}
 
@@ -342,6 +376,17 @@ class CheckpointMixin:
         items = [{"path": str(i.path), "step": i.step, "size": i.size, "created": i.created}
                  for i in self.ring(run_id).list()]
         return {"run_id": run_id, "checkpoints": items}
+
+
+def rank_position(document: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The (data position, RNG state) this process resumes with: its own rank's, when the checkpoint
+    was written by a job of as many ranks as this one; otherwise the checkpoint's (rank 0's)."""
+    rank, world = rank_and_world()
+    ranks = document.get("ranks")
+    if isinstance(ranks, dict) and ranks.get("world") == world and world > 1:
+        mine = ranks["states"][rank]
+        return mine.get("data") or {}, mine.get("rng")
+    return document.get("data") or {}, document.get("rng")
 
 
 def chain(source: Future, target: Future) -> None:

@@ -9,7 +9,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Annotated, Any, Optional
 
-from ..control.constraints import SafeName
+from ..control.constraints import Range, SafeName
+from ..control.errors import CommandError, ErrorCode
 from .command import command
 
 
@@ -21,6 +22,10 @@ class NoPayload:
 @dataclass
 class Pause:
     reason: str = "manual"
+    #: Pause at the first batch boundary at or after this optimizer step, instead of the next one.
+    at_step: Optional[Annotated[int, Range(ge=0)]] = None
+    #: Pause at the first batch boundary of this epoch (right after its first step).
+    at_epoch: Optional[Annotated[int, Range(ge=0)]] = None
 
 
 @dataclass
@@ -40,9 +45,20 @@ class ResetSession:
 class ControlMixin:
     """The run's control commands (no state of its own: the gate holds the paused flag)."""
 
-    @command("pause", Pause, mutating=True, description="pause at the next batch boundary")
+    @command("pause", Pause, mutating=True,
+             description="pause at the next batch boundary, or schedule a pause at a step or epoch")
     def cmd_pause(self, p: Pause) -> Any:
-        """Pause now; the reply names the pause checkpoint once it is on disk (never one that failed)."""
+        """Pause now (the reply names the pause checkpoint once it is on disk, never one that failed),
+        or, with `at_step`/`at_epoch` still ahead, schedule the pause and reply at once."""
+        if p.at_step is not None and p.at_epoch is not None:
+            raise CommandError("payload: give at_step or at_epoch, not both", ErrorCode.BAD_PAYLOAD)
+        st = self.state
+        if p.at_step is not None and p.at_step > st.step:
+            self.lifecycle.scheduled_pause = ("step", p.at_step, p.reason)
+            return {"status": "scheduled", "at_step": p.at_step, "step": st.step}
+        if p.at_epoch is not None and p.at_epoch > st.epoch:
+            self.lifecycle.scheduled_pause = ("epoch", p.at_epoch, p.reason)
+            return {"status": "scheduled", "at_epoch": p.at_epoch, "step": st.step}
         reply = self.console.pause({"action": "pause", "reason": p.reason})
         written = self.pending_write(reply.get("ckpt"))
         if written is None:
@@ -57,6 +73,18 @@ class ControlMixin:
 
         written.add_done_callback(done)
         return answer
+
+    def check_scheduled_pause(self) -> None:
+        """After a step, while a pause is scheduled: pause once the run reaches its step or epoch."""
+        kind, at, reason = self.lifecycle.scheduled_pause
+        if (self.state.step if kind == "step" else self.state.epoch) < at:
+            return
+        self.lifecycle.scheduled_pause = None
+        self.console.pause({"action": "pause", "reason": reason, f"at_{kind}": at})
+
+    def pause_at_start(self) -> None:
+        """`start_paused`: hold the run at its first boundary, before its first step, until resumed."""
+        self.console.pause({"action": "pause", "reason": "start_paused"}, checkpoint=False)
 
     @command("resume", NoPayload, mutating=True, description="continue training")
     def cmd_resume(self, p: NoPayload) -> dict[str, Any]:

@@ -13,6 +13,13 @@ One path for every runtime:
   consumed batches, reproducing the order the epoch had (policies below), so a checkpoint taken
   mid-epoch resumes bit-exactly, also in a fresh process.
 
+- **The sampling plan** (`SamplingPlan`): per-sample weights and dropped samples on top of the
+  run's samples (`set_data_weights`, `drop_samples`). The loader then draws from
+  `Subset(root dataset, kept indices)`, with a `WeightedEpochSampler` when there are weights;
+  it is built and installed through the same path, and the plan is part of `data_state()`, so a
+  checkpoint resumes with the same weights and drops. Every other re-pointing (fork, merge,
+  reset, switching runs) starts without a plan.
+
 Policies (SessionConfig.data_order_policy):
 - `user`: the loader is left alone. The RNG state at the start of the epoch is kept in the
   checkpoint; the epoch's iterator is re-created from it and the consumed batches are skipped.
@@ -32,6 +39,7 @@ from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from ..checkpoints import capture_rng_state, restore_rng_state
 from ..control.errors import CommandError, ErrorCode
+from ..ranks import whole_split
 from ..sampler_utils import (
     EpochSeededRandomSampler,
     clone_loader,
@@ -39,6 +47,7 @@ from ..sampler_utils import (
     loader_is_shuffled,
     make_worker_init_fn,
 )
+from .sampling import SamplingPlan, WeightedEpochSampler
 
 
 @dataclass
@@ -54,6 +63,7 @@ class TrainData:
     subset: list[int] | None = None  # root-dataset indices the run trains on (None: the training set)
     training_indices: np.ndarray | None = None  # cached root indices of the training set
     generation: int = 0  # bumped whenever the loader or the position changes
+    sampling: SamplingPlan | None = None  # weights / dropped samples of the run (None: the loader's own draw)
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -93,6 +103,7 @@ class DataMixin:
         data.root_loader = loader
         data.training_indices = None
         data.subset = None
+        data.sampling = None
         data.loader = self.apply_data_policy(loader) if manage else loader
         data.generation += 1
 
@@ -109,9 +120,12 @@ class DataMixin:
             self.log(f"data_order_policy {policy!r} needs a map-style dataset with batch_size; "
                      "keeping the loader's own order", level="warn")
             return loader
-        sampler = EpochSeededRandomSampler(
-            len(loader.dataset), seed=self.base_seed, shuffle=loader_is_shuffled(loader) or policy == "fixed_order"
-        )
+        if isinstance(loader.sampler, WeightedEpochSampler):
+            sampler = loader.sampler  # a sampling plan's draw already depends only on (seed, epoch)
+        else:
+            sampler = EpochSeededRandomSampler(
+                len(loader.dataset), seed=self.base_seed, shuffle=loader_is_shuffled(loader) or policy == "fixed_order"
+            )
         generator = torch.Generator()
         generator.manual_seed(self.base_seed)
         managed = clone_loader(loader, sampler=sampler, generator=generator,
@@ -145,7 +159,8 @@ class DataMixin:
             if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
                 raise CommandError("the training set has no indices: the train loader is not a DataLoader over "
                                    "a map-style dataset", ErrorCode.FAILED)
-            data.training_indices = np.asarray(dataset_indices_of(loader), dtype=np.int64)
+            # Under DDP the training set is every rank's samples, not this rank's share of them.
+            data.training_indices = np.asarray(dataset_indices_of(whole_split(loader)), dtype=np.int64)
         return data.training_indices
 
     def check_training_indices(self, indices: Any, field: str) -> np.ndarray:
@@ -183,14 +198,15 @@ class DataMixin:
             raise CommandError(f"cannot build a loader over the selected samples: {exc}", ErrorCode.FAILED) from exc
 
     # ---- re-pointing (the one path) ----------------------------------------------------------
-    def subset_loader(self, indices: Any | None, *, batch_size: int | None = None) -> Any:
+    def subset_loader(self, indices: Any | None, *, batch_size: int | None = None, sampler: Any = None) -> Any:
         """A clone of the user's train loader over `Subset(root dataset, indices)` (None: the training set).
 
         The clone keeps batch size (unless `batch_size`), collate_fn, drop_last, workers,
-        pin_memory and the kind of sampler. Every index must be in the training set.
+        pin_memory and the kind of sampler (unless `sampler`, which then orders the subset's
+        positions). Every index must be in the training set.
         """
         root_loader = self.require_train_loader()
-        if indices is None and batch_size is None:
+        if indices is None and batch_size is None and sampler is None:
             return root_loader
         if not isinstance(root_loader, DataLoader):
             raise CommandError(f"the train loader is a {type(root_loader).__name__}, not a DataLoader; "
@@ -200,16 +216,23 @@ class DataMixin:
         else:
             picked = self.check_training_indices(indices, "subset_indices").tolist()
             dataset = Subset(self.train_root_dataset(), picked)
+        knobs: dict[str, Any] = {} if batch_size is None else {"batch_size": batch_size}
+        if sampler is not None:
+            knobs["sampler"] = sampler
         try:
-            return clone_loader(root_loader, dataset=dataset, **({} if batch_size is None else {"batch_size": batch_size}))
+            return clone_loader(root_loader, dataset=dataset, **knobs)
         except ValueError as exc:
             raise CommandError(f"cannot narrow the train loader: {exc}", ErrorCode.FAILED) from exc
 
-    def install_train_loader(self, loader: Any, subset: list[int] | None) -> Any:
-        """Train on `loader` from the next epoch iterator on (policy applied; the framework is told)."""
+    def install_train_loader(self, loader: Any, subset: list[int] | None, sampling: SamplingPlan | None = None) -> Any:
+        """Train on `loader` from the next epoch iterator on (policy applied; the framework is told).
+
+        `sampling` is the plan `loader` was built for; without one the run draws as the loader does.
+        """
         data = self.data
         data.loader = self.apply_data_policy(loader)
         data.subset = None if subset is None else [int(i) for i in subset]
+        data.sampling = sampling
         data.epoch_start = None
         data.generation += 1
         self.framework.refresh_train_loader(data.loader)
@@ -221,6 +244,32 @@ class DataMixin:
         subset = None if indices is None else self.check_training_indices(indices, "subset_indices").tolist()
         return self.install_train_loader(loader, subset)
 
+    # ---- the sampling plan (weights and dropped samples) ------------------------------------
+    @property
+    def sampling_plan(self) -> SamplingPlan | None:
+        """The run's weights and dropped samples (None: the loader draws as the user built it)."""
+        return self.data.sampling
+
+    def run_sample_indices(self) -> np.ndarray:
+        """The current run's samples (its subset, or the training set) as ascending root indices."""
+        subset = self.data.subset
+        return np.unique(self.training_indices() if subset is None else np.asarray(subset, dtype=np.int64))
+
+    def plan_loader(self, plan: SamplingPlan) -> Any:
+        """The train loader that draws as `plan` says: the kept samples, weighted when it has weights."""
+        kept = plan.kept()
+        sampler = None
+        if plan.weights is not None:
+            sampler = WeightedEpochSampler(plan.kept_weights(), num_samples=plan.draws(), replacement=plan.replacement,
+                                           seed=self.base_seed)
+        return self.subset_loader(kept.tolist(), sampler=sampler)
+
+    def install_sampling_plan(self, plan: SamplingPlan | None) -> Any:
+        """Train with `plan` (None: the run's samples as the loader draws them) from the next epoch iterator."""
+        data = self.data
+        loader = self.subset_loader(data.subset) if plan is None else self.plan_loader(plan)
+        return self.install_train_loader(loader, data.subset, sampling=plan)
+
     # ---- position ----------------------------------------------------------------------------
     def data_state(self) -> dict[str, Any]:
         """What a checkpoint needs to reposition the data (see the module docstring)."""
@@ -229,10 +278,18 @@ class DataMixin:
             "policy": data.policy,
             "epoch_start": data.epoch_start,
             "sampler": data.managed_sampler.state_dict() if data.managed_sampler is not None else None,
+            "sampling": data.sampling.state() if data.sampling is not None else None,
         }
 
     def schedule_resume(self, data_state: dict[str, Any], rng: dict[str, Any] | None) -> None:
-        """Remember how to reposition the loader; applied when the loop next opens an epoch."""
+        """Remember how to reposition the loader; applied when the loop next opens an epoch.
+
+        The checkpoint's sampling plan (or its absence) is installed first: the epoch is replayed
+        from the loader the saved run drew from.
+        """
+        saved = data_state.get("sampling")
+        if saved is not None or self.data.sampling is not None:
+            self.install_sampling_plan(SamplingPlan.from_state(saved) if saved is not None else None)
         self.data.resume = {"data": data_state, "rng": rng}
         self.data.generation += 1
         self.request_reposition()

@@ -325,7 +325,7 @@ class ForkMixin:
         self.emit("fork_budget_reached", **result)
         self.log(f"[fork] {why}: region loss {child_loss:.4f}"
                  + (f" (parent {parent_loss:.4f})" if parent_loss is not None else ""))
-        if self.bus.connected:
+        if self.dashboard_connected():  # as every rank agrees, in a distributed run
             self.console.pause({"action": "fork_budget", "reason": reason})
         else:
             self.request_finish(f"fork {self.cfg.run_name}: {why}")

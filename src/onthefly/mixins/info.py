@@ -1,6 +1,6 @@
 """What a dashboard asks about the session, and disk housekeeping.
 
-Commands: `server_info`, `status`, `events_since`, `clean_disk`.
+Commands: `server_info`, `status`, `describe_commands`, `events_since`, `clean_disk`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,12 @@ class InfoMixin:
             "storage": str(self.storage.folder),
         }
 
+    @command("describe_commands", NoPayload, mutating=False,
+             description="every command with its description, whether it mutates, and its payload's JSON Schema")
+    def cmd_describe_commands(self, p: NoPayload) -> dict[str, Any]:
+        """What an agent needs to call any command without reading the docs (`CommandRouter.json_schema`)."""
+        return {**self.router.json_schema(), "runtime": self.framework.runtime, "protocol": 1}
+
     @command("status", NoPayload, mutating=False, description="where the run is")
     def cmd_status(self, p: NoPayload) -> dict[str, Any]:
         st = self.state
@@ -79,6 +85,8 @@ class InfoMixin:
              description="delete earlier sessions' folders and old checkpoints that this library created")
     def cmd_clean_disk(self, p: CleanDisk) -> dict[str, Any]:
         root = self.storage.project_dir
+        if self.is_follower:  # rank 0 deletes; the others would race it for the same files
+            return {"ok": True, "scope": p.scope, "root": str(root), "removed": [], "failed": []}
         removed: list[str] = []
         failed: list[dict[str, str]] = []
         if p.scope in ("all", "sessions"):

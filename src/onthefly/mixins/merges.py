@@ -52,14 +52,41 @@ class MergeMixin:
         return self.console.pause_window(request, lambda: self.do_merge(p, strategy))
 
     def do_merge(self, p: Merge, strategy: str) -> dict[str, Any]:
-        from ..merging import merge_state_dicts
-
         self.save_checkpoint_now()
         parents, paths = self.merge_inputs(p)
         state_dicts = [load_checkpoint(path)["model"] for path in paths]
         if p.weights is not None and len(p.weights) != len(state_dicts):
             raise CommandError(f"payload.weights: {len(p.weights)} weights for {len(state_dicts)} parents",
                                ErrorCode.BAD_PAYLOAD)
+        ranks = self.ranks
+        if ranks is None:
+            self.load_merged(self.merge_weights(p, strategy, parents, state_dicts))
+            return self.start_merged_run(p, strategy, parents, paths)
+        # A distributed run merges once, on rank 0, and sends the result to the other ranks.
+        error: Exception | None = None
+        if ranks.leader:
+            try:
+                self.load_merged(self.merge_weights(p, strategy, parents, state_dicts))
+            except Exception as exc:
+                error = exc
+        failure = ranks.broadcast(None if error is None else f"{type(error).__name__}: {error}",
+                                  what="sharing the merge's outcome")
+        if error is not None:
+            raise error
+        if failure is not None:
+            raise CommandError(f"merge failed on rank 0: {failure}", ErrorCode.FAILED)
+        ranks.broadcast_module(self.model)
+        return self.start_merged_run(p, strategy, parents, paths)
+
+    def load_merged(self, merged: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.model.load_state_dict(merged, strict=True)
+
+    def merge_weights(self, p: Merge, strategy: str, parents: list[str],
+                      state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The merged state dict of `parents` (their `state_dicts`) by `strategy`."""
+        from ..merging import merge_state_dicts
+
         kwargs: dict[str, Any] = {}
         if strategy in ("swa", "adapter") and p.weights is not None:
             kwargs["weights"] = p.weights
@@ -80,10 +107,11 @@ class MergeMixin:
             union = sorted({int(i) for r in parents for i in self.run_training_indices(r)})
             kwargs.update(model_factory=lambda: self.model_with_weights(state_dicts[0]),
                           loader=self.loader_over(union, shuffle=True), steps=p.distill_steps)
-        merged = merge_state_dicts(strategy, state_dicts, **kwargs)
+        return merge_state_dicts(strategy, state_dicts, **kwargs)
+
+    def start_merged_run(self, p: Merge, strategy: str, parents: list[str], paths: list[Any]) -> dict[str, Any]:
+        """The live model holds the merge: record it as a new run on the whole training set."""
         child = self.child_name(p.new_name, "merge")
-        with torch.no_grad():
-            self.model.load_state_dict(merged, strict=True)
         self.mark_state_changed()
         meta = {"kind": "merge", "strategy": strategy, "parents": parents, "paths": [str(x) for x in paths],
                 "at_step": self.state.step}

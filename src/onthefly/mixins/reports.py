@@ -112,12 +112,20 @@ class ReportsMixin:
         if self.loss_fn is None:
             raise CommandError("a per-sample scan needs a loss_fn (pass loss_fn= to the session)",
                                ErrorCode.NOT_FOUND)
-        return compute_per_sample_losses(
-            model, source, self.loss_fn, indices, batch_size=batch_size, seed=SCAN_SEED,
-            amp=self.cfg.amp, device=self.resolve_device(),
-            cancel=lambda: self.lifecycle.stop_requested or self.lifecycle.closed,
-            progress=lambda done, total: self.emit("scan_progress", done=done, total=total),
-        )
+        distributed = self.ranks is not None
+
+        def scan(chosen: Any) -> Any:
+            return compute_per_sample_losses(
+                model, source, self.loss_fn, chosen, batch_size=batch_size, seed=SCAN_SEED,
+                amp=self.cfg.amp, device=self.resolve_device(),
+                # A rank must not leave a sharded scan alone (the others would wait for its share).
+                cancel=lambda: self.lifecycle.closed or (self.lifecycle.stop_requested and not distributed),
+                progress=lambda done, total: self.emit("scan_progress", done=done, total=total),
+            )
+
+        if distributed:
+            return self.sharded_scan(scan, source, indices)
+        return scan(indices)
 
     def scan_source(self, subset_on: str) -> Any:
         """What a scan reads: the training set (the user's train loader) or the validation loader."""
@@ -190,6 +198,7 @@ class ReportsMixin:
                 "per_sample_method": meta_scan.get("per_sample_method"),
                 "mode": meta_scan.get("mode"),
                 "seed": SCAN_SEED,
+                "ranks": int(meta_scan.get("ranks", 1)),  # how many ranks shared the scan
             }
             reply = {"losses": [float(x) if np.isfinite(x) else None for x in losses],
                      "sample_indices": idx.tolist(), "owner_run_id": run_id, "reqId": p.reqId, "meta": meta}
@@ -281,6 +290,9 @@ class ReportsMixin:
             out = self.storage.resolve_write_path(p.out_path, "payload.out_path", suffixes=(f".{p.format}",))
         else:
             out = self.storage.exports / f"{run_id}-subset.{p.format}"
+        if self.is_follower:  # rank 0 writes the table
+            return {"ok": True, "run_id": run_id, "out_path": str(out), "rows": int(len(indices)), "format": p.format,
+                    "received_indices": received, "export_all": export_all}
         result = export_subset_table(dataset, indices, out, format=p.format, losses=losses)
         self.emit("artifact_created", run_id=run_id, path=str(result.path), rows=result.rows, format=result.format)
         self.log(f"[export] {result.rows} rows -> {result.path}")

@@ -86,6 +86,8 @@ class RunsMixin:
         """Keep `manifest` as the run's current one and write `run.json` in the background."""
         runs = self.runs
         runs.manifests[run_id] = manifest
+        if self.is_follower:
+            return  # rank 0 writes the run's manifest; the other ranks keep the same one in memory
         text = json.dumps(manifest, indent=2, default=str)
         runs.io_pending = runs.io.submit(write_manifest, self.manifest_path(run_id), text)
 

@@ -44,14 +44,15 @@ class TestingMixin:
             return torch.autocast("cuda", dtype=torch.float16)
         return torch.autocast(device.type, dtype=torch.bfloat16)
 
-    def batch_loss(self, batch: Any) -> torch.Tensor:
-        """The mean loss of one batch, whatever its shape (fast path for `(inputs, targets)`)."""
+    def batch_loss(self, batch: Any, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """The mean loss of one batch through `model` (default: the session's), whatever the batch's shape."""
+        model = self.model if model is None else model
         if (isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0])
                 and not getattr(self.loss_fn, "_otf_uses_batch", False)):
-            return self.loss_fn(self.model(batch[0]), batch[1])
+            return self.loss_fn(model(batch[0]), batch[1])
         from ..data_explorer import compute_batch_loss
 
-        return compute_batch_loss(self.model, batch, self.loss_fn, per_sample=False)
+        return compute_batch_loss(model, batch, self.loss_fn, per_sample=False)
 
     def mean_loss(self, loader: Any) -> float | None:
         """Average batch loss over `loader` in eval mode (one host sync, at the end)."""

@@ -1,7 +1,7 @@
 """The native training loop, written out top to bottom so a user could copy it.
 
-Per batch the loop does exactly: one attribute read (`gate.pending`), fetch, the training step,
-and a small dict handed to the event queue. Metrics stay on the device; the writer thread reads
+Per batch the loop does exactly: one attribute read (`gate.pending`; in a distributed run also a
+modulo of the step), fetch, the training step, and a small dict handed to the event queue. Metrics stay on the device; the writer thread reads
 them when it encodes the event, so the training thread never waits on a host sync for telemetry.
 """
 
@@ -80,8 +80,9 @@ class TrainingMixin:
         checkpoints = self.checkpoints
         step_fn = self._step_fn
         ckpt_every = cfg.ckpt_every_steps
+        ranks = self.ranks  # a distributed run agrees every few steps (RankGroup.due), else nothing per step
         while True:
-            if gate.pending:
+            if gate.pending or (ranks is not None and ranks.due(st.step, gate.paused)):
                 self.at_boundary()
                 if self.reposition_pending or self._training_done():
                     return False
@@ -100,6 +101,8 @@ class TrainingMixin:
                 self.maybe_record_dynamics(epoch_end=False, epoch=st.epoch)
             if self.forks.budget is not None:
                 self.check_fork_budget()
+            if self.lifecycle.scheduled_pause is not None:
+                self.check_scheduled_pause()
             if ckpt_every and st.step % ckpt_every == 0:
                 self.save_checkpoint()
             if self._training_done():
@@ -137,6 +140,10 @@ class TrainingMixin:
         return self.mean_loss(self.val_loader)
 
     # ---- one step ----------------------------------------------------------------------------
+    def training_module(self) -> torch.nn.Module:
+        """What a training step calls: the DDP wrapper the user passed (gradients sync), else the model."""
+        return self.train_module if self.train_module is not None else self.model
+
     def _to_device(self, batch: Any) -> Any:
         return batch if self.device.type == "cpu" else move_to_device(batch, self.device)
 
@@ -144,12 +151,12 @@ class TrainingMixin:
         if self.custom_step is None:
             return self.default_step
         user_fn = self.custom_step
-        state = SimpleNamespace(model=self.model, optimizer=self.optimizer, loss_fn=self.loss_fn,
+        state = SimpleNamespace(model=self.training_module(), optimizer=self.optimizer, loss_fn=self.loss_fn,
                                 device=self.device, autocast=self.autocast_context, scaler=self.scaler,
                                 scheduler=self.scheduler, session=self)
 
         def step(batch: Any) -> dict[str, Any]:
-            state.model, state.optimizer, state.loss_fn = self.model, self.optimizer, self.loss_fn
+            state.model, state.optimizer, state.loss_fn = self.training_module(), self.optimizer, self.loss_fn
             out = user_fn(self._to_device(batch), state)
             if isinstance(out, dict):
                 return dict(out)
@@ -162,14 +169,14 @@ class TrainingMixin:
     def default_step(self, batch: Any) -> dict[str, Any]:
         """zero_grad, forward under autocast, loss, backward (scaled), clip, optimizer step."""
         batch = self._to_device(batch)
-        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        model, optimizer, scaler = self.training_module(), self.optimizer, self.scaler
         optimizer.zero_grad(set_to_none=True)
         with self.autocast_context():
             if isinstance(batch, (tuple, list)) and len(batch) == 2 and torch.is_tensor(batch[0]):
                 outputs = model(batch[0])
                 loss = self.loss_fn(outputs, batch[1])
             else:
-                outputs, loss = None, self.batch_loss(batch)
+                outputs, loss = None, self.batch_loss(batch, model)
         if scaler is not None:
             scaler.scale(loss).backward()
         else:

@@ -35,27 +35,33 @@ from ..control import (
 )
 from ..control.channels import Channel
 from ..control.envelope import Request
+from ..mixins.autopilot import AutopilotMixin
 from ..mixins.bundles import BundleMixin
 from ..mixins.checkpoint import CheckpointMixin
 from ..mixins.command import declared_commands
 from ..mixins.control import ControlMixin
 from ..mixins.data import DataMixin
+from ..mixins.distributed import DistributedMixin
 from ..mixins.dynamics import DynamicsMixin
 from ..mixins.events import EventsMixin
 from ..mixins.forks import ForkMixin
 from ..mixins.health import HealthMixin
 from ..mixins.hparams import HparamsMixin
 from ..mixins.info import InfoMixin
+from ..mixins.layers import LayersMixin
+from ..mixins.ledger import LedgerMixin
 from ..mixins.merges import MergeMixin
+from ..mixins.replay import ReplayMixin
 from ..mixins.reports import ReportsMixin
 from ..mixins.runs import RunsMixin
+from ..mixins.sampling import SamplingMixin
 from ..mixins.testing import TestingMixin
+from ..storage import SessionStorage
 from ..telemetry import StepTelemetry, mean_lr
 from .config import SessionConfig
 from .delegate import FrameworkDelegate
 from .errors import SessionClosed, wire_handler
 from .state import Lifecycle, RunState
-from ..storage import SessionStorage
 
 
 def new_session_id(project: str, run_name: str) -> str:
@@ -77,7 +83,8 @@ def make_channel(cfg: SessionConfig) -> Channel:
 
 class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, ForkMixin, MergeMixin, BundleMixin,
                           ReportsMixin, DynamicsMixin, ControlMixin, HparamsMixin, InfoMixin, TestingMixin,
-                          HealthMixin):
+                          HealthMixin, LedgerMixin, ReplayMixin, LayersMixin, SamplingMixin, AutopilotMixin,
+                          DistributedMixin):
     """The framework-neutral session. Subclasses decide who drives the batches."""
 
     def __init__(self, config: SessionConfig | None = None, *, channel: Channel | None = None,
@@ -86,15 +93,19 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         if overrides:
             cfg = cfg.updated(**overrides)
         self.cfg = cfg
+        self._init_replay()  # a replay (ONTHEFLY_REPLAY) names its run before anything records the name
+        self._init_distributed()
         self.session_id = new_session_id(cfg.project, cfg.run_name)
         self.storage = SessionStorage(cfg.save_dir, cfg.project, self.session_id, cfg.allowed_paths)
-        self.storage.create({"project": cfg.project, "run_name": cfg.run_name, "pid": os.getpid()})
+        if not self.is_follower:  # a follower adopts rank 0's folder when training starts
+            self.storage.create({"project": cfg.project, "run_name": cfg.run_name, "pid": os.getpid()})
         self.state = RunState()
         self.lifecycle = Lifecycle()
         self.telemetry = StepTelemetry()
 
         # Runtime objects, bound by the loop (native fit, attach, or a framework delegate).
-        self.model: torch.nn.Module | None = None
+        self.model: torch.nn.Module | None = None  # the bare module (never a DDP wrapper): state, scans, copies
+        self.train_module: torch.nn.Module | None = None  # what the native loop calls (the DDP wrapper, if any)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: Any = None
         self.extra_optimizers: list[torch.optim.Optimizer] = []
@@ -108,8 +119,12 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         self.embedding_hook: Callable[..., Any] | None = None
         self.loop_thread: threading.Thread | None = None
 
-        self.channel = channel if channel is not None else make_channel(cfg)
-        self.bus = ControlBus(self.channel, event_log=EventLog(self.storage.events_db), session_id=self.session_id)
+        if self.is_follower:  # only rank 0 talks to the dashboard and keeps the event log
+            self.channel: Channel = NullChannel()
+            self.bus = ControlBus(self.channel, event_log=None, session_id=self.session_id)
+        else:
+            self.channel = channel if channel is not None else make_channel(cfg)
+            self.bus = ControlBus(self.channel, event_log=EventLog(self.storage.events_db), session_id=self.session_id)
         self.router = CommandRouter()
         self.gate = PauseGate()
         self.gate.job_context = self.job_context
@@ -123,11 +138,19 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         self._init_reports()
         self._init_testing()
         self._init_dynamics()
+        self._init_ledger()
+        self._init_hparams()
+        self._init_layers()
+        self._init_sampling()
+        self._init_autopilot()
         self.update_event_context()
         self.framework = FrameworkDelegate()
         self.use_framework(framework if framework is not None else self.default_framework())
         for attr, declaration in declared_commands(type(self)):
-            self.router.register(declaration.name, wire_handler(getattr(self, attr)), schema=declaration.schema,
+            handler = wire_handler(getattr(self, attr))
+            if declaration.mutating:  # every change to the run is recorded in its ledger
+                handler = self.ledgered(declaration.name, handler)
+            self.router.register(declaration.name, handler, schema=declaration.schema,
                                  mutating=declaration.mutating, description=declaration.description)
         self.bus.set_connect_announcer(self.announcements)
         self.bus.start()
@@ -201,10 +224,11 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
                                 f"{cmd!r} cannot run — start a new session or Trainer.fit() to continue")
         spec, validated = self.router.validate(Request(id=None, cmd=cmd, payload=payload or {}))
         if spec.mutating and self.state.training and threading.current_thread() is not self.loop_thread:
-            result = self.gate.submit(lambda: self.router.execute(spec, validated), name=cmd).result(timeout)
+            result = self.gate.submit(lambda: self.execute_as("python", spec, validated), name=cmd,
+                                      replica=(spec.name, validated, "python")).result(timeout)
         elif spec.mutating:
             with self.job_context(cmd):
-                result = self.router.execute(spec, validated)
+                result = self.execute_as("python", spec, validated)
         else:
             result = self.router.execute(spec, validated)
         if isinstance(result, Future):
@@ -216,7 +240,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
 
         Returns False once training should end (a `stop`, or a fork's spent budget).
         """
-        if self.gate.pending:
+        if self.gate.pending or self.distributed.group is not None:
             self.at_boundary()
         if self.state.running and self.lifecycle.finish_requested is None:
             return True
@@ -224,8 +248,14 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         return False
 
     def at_boundary(self) -> None:
-        self.report_unreported_steps()  # the dashboard sees the latest step before any command runs
-        self.gate.service(keep_going=lambda: self.state.running)
+        if self.distributed.group is not None:
+            self.rank_boundary()  # every rank shares the window, at the same step
+            self.await_snapshot_copy()
+            return
+        with self.command_boundary() as busy:  # a replay applies its edits due here first
+            if busy:
+                self.report_unreported_steps()  # the dashboard sees the latest step before any command runs
+                self.gate.service(keep_going=lambda: self.state.running)
         self.await_snapshot_copy()
 
     def report_unreported_steps(self) -> None:
@@ -243,7 +273,8 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         if self.state.running or not self.lifecycle.stop_requested:
             self.emit("stopping", step=self.state.step)
         self.lifecycle.stop_requested = True
-        self.state.running = False
+        if self.distributed.group is None:  # in a distributed run every rank stops at the next agreement
+            self.state.running = False
         self.gate.interrupt()
 
     def request_finish(self, why: str) -> None:
@@ -259,6 +290,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
     # ---- lifecycle ---------------------------------------------------------------------------
     def before_training(self) -> None:
         """Start (or restart) training: emit the opening events once, capture the reset baseline."""
+        self.join_ranks()
         life = self.lifecycle
         # A `stop` (or `enforce_version`) that arrived before training started still holds.
         self.state.running = not life.stop_requested
@@ -276,15 +308,21 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
             life.started = True
             self.emit("session_started", project=cfg.project, run_name=cfg.run_name)
             self.log(f"model session_id={self.session_id}")
-            manifest = self.read_manifest(cfg.run_name)
+            # Every rank decides as rank 0 does (its manifest may be on disk a moment later).
+            manifest = self.distributed.root_manifest if self.ranks is not None else self.read_manifest(cfg.run_name)
             if manifest is None:
-                self.emit_new_run(cfg.run_name, parents=[], meta={"kind": "root"})
+                self.open_root_run(cfg.run_name)  # with how it was launched (what `onthefly replay` re-runs)
             else:  # a run resumed from a bundle keeps its lineage
                 self.update_run_manifest(status="running")
                 self.emit("newRun", **self.new_run_fields(cfg.run_name, manifest.get("parents") or [],
                                                           manifest.get("meta") or {"kind": manifest.get("kind")}))
         if not self.has_baseline:
             self.capture_baseline()
+        self.begin_replay()
+        self.start_autopilot()
+        if cfg.start_paused and not life.start_pause_done and not life.stop_requested:
+            life.start_pause_done = True  # once per session, not again when training restarts
+            self.pause_at_start()
 
     def after_training(self, status: str, error: BaseException | str | None = None) -> None:
         """Emit `trainingFinished` exactly once per training, whatever ended it."""
@@ -298,7 +336,10 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
                                   "session_id": self.session_id}
         if error is not None:
             fields["error"] = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        fields.update(self.rank_fields())
+        self.stop_autopilot()
         self.update_run_manifest(status=status)
+        self.record_final_state(status)
         self.emit("trainingFinished", **fields)
 
     def serve(self, *, timeout: float | None = None) -> bool:
@@ -309,6 +350,9 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         checkpoint load made a new starting point) and this runtime can (`can_train_again`).
         """
         if not self.cfg.serve_after_training or not self.bus.connected or not self.state.running:
+            return False
+        if self.distributed.group is not None:
+            self.log("serve_after_training is not available in a distributed run: training has ended on every rank")
             return False
         deadline = None if timeout is None else time.monotonic() + timeout
         self.lifecycle.restart_requested = False
@@ -335,6 +379,7 @@ class OnTheFlySessionBase(EventsMixin, CheckpointMixin, DataMixin, RunsMixin, Fo
         self.lifecycle.closed = True
         self.state.running = False
         self.gate.close("the session is closed")
+        self.stop_autopilot()
         self.dispatcher.stop()
         self.close_checkpointing(timeout=timeout)
         self.close_runs()

@@ -49,6 +49,9 @@ class SessionConfig:
     allow_remote_dashboard: bool = False
     allowed_paths: tuple[str, ...] = ()
     serve_after_training: bool = False  # keep answering a connected dashboard after training ends
+    start_paused: bool = False  # hold the run before its first step until a dashboard resumes it
+    dist_sync_every_steps: int = 8  # distributed runs: the ranks agree on commands every n steps
+    dist_timeout_s: float = 120.0  # ... and give a silent peer rank up for lost after this long
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,7 +78,7 @@ class SessionConfig:
             or self.log_every_n_steps < 1
         ):
             raise ConfigError(f"log_every_n_steps must be None or an integer >= 1, got {self.log_every_n_steps!r}")
-        for name in ("ckpt_keep", "val_every_n_epochs", "diagnostics_every_n_steps"):
+        for name in ("ckpt_keep", "val_every_n_epochs", "diagnostics_every_n_steps", "dist_sync_every_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -84,6 +87,10 @@ class SessionConfig:
             if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not interval >= 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {interval!r}")
             setattr(self, name, float(interval))
+        if isinstance(self.dist_timeout_s, bool) or not isinstance(self.dist_timeout_s, (int, float)) \
+                or not self.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be a number > 0, got {self.dist_timeout_s!r}")
+        self.dist_timeout_s = float(self.dist_timeout_s)
         if not isinstance(self.ckpt_every_steps, int) or self.ckpt_every_steps < 0:
             raise ConfigError(f"ckpt_every_steps must be an integer >= 0, got {self.ckpt_every_steps!r}")
         for name in ("max_epochs", "max_steps", "dynamics_every_epochs", "dynamics_every_steps"):

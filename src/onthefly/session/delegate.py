@@ -67,6 +67,21 @@ class FrameworkDelegate:
         iterates its own copy must switch to `loader` here (at the latest from its next epoch).
         """
 
+    def data_edit_timing(self) -> str | None:
+        """When a new train loader (a data edit) reaches this loop: "now" (it re-opens its epoch
+        iterator at the next boundary), "next_epoch", or None (it iterates a loader of its own)."""
+        return "next_epoch"
+
+    def loop_settings(self) -> dict[str, Any]:
+        """The loop settings onthefly may change here, with their values now; an absent key cannot change.
+
+        Keys: `grad_clip_norm` (None: no clipping) and `accumulate_grad_batches`.
+        """
+        return {}
+
+    def apply_loop_settings(self, changes: dict[str, Any]) -> None:
+        """Apply validated `changes` (keys of `loop_settings()`) from the next optimizer step on."""
+
     def run_test(self, label: str) -> TestOutcome | None:
         """Run the framework's own test loop; None means it has none (the session's generic pass runs)."""
         return None

@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
+from ..ranks import unwrap_parallel
 from ..telemetry import as_float, mean_lr
 from .base import OnTheFlySessionBase
 from .delegate import FrameworkDelegate
@@ -113,7 +114,8 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
         schedulers = as_list(scheduler, "scheduler",
                              lambda s: hasattr(s, "state_dict") and hasattr(s, "load_state_dict"),
                              "an object with state_dict() and load_state_dict()")
-        self.model = model
+        self.train_module = model
+        self.model = unwrap_parallel(model)  # state, scans and copies use the module inside a DDP wrapper
         self.optimizer = optimizers[0] if optimizers else None
         self.extra_optimizers = optimizers[1:]
         self.scheduler = schedulers[0] if schedulers else None
@@ -212,6 +214,8 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
             self.maybe_record_dynamics(epoch_end=False, epoch=st.epoch)
         if self.forks.budget is not None:
             self.check_fork_budget()
+        if self.lifecycle.scheduled_pause is not None:
+            self.check_scheduled_pause()
 
     def report_step(self, metrics: Mapping[str, Any], samples: int,
                     more_metrics: Callable[[], Mapping[str, Any]] | None) -> None:

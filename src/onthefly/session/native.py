@@ -8,7 +8,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ..mixins.hparams import GradClipHook
 from ..mixins.training import TrainingMixin
+from ..ranks import unwrap_parallel
 from .base import OnTheFlySessionBase
 from .delegate import FrameworkDelegate
 
@@ -25,9 +27,26 @@ class NativeLoop(FrameworkDelegate):
 
     runtime = "trainer"
 
+    def __init__(self) -> None:
+        self.clip_hook = GradClipHook()  # for a custom @training_step (the default step clips itself)
+
     @property
     def can_train_again(self) -> bool:
         return True
+
+    def data_edit_timing(self) -> str | None:
+        return "now"  # the loop re-opens its epoch iterator when a command moves the data
+
+    def loop_settings(self) -> dict[str, Any]:
+        return {"grad_clip_norm": self.session.cfg.grad_clip_norm if self.session is not None else None}
+
+    def apply_loop_settings(self, changes: dict[str, Any]) -> None:
+        session = self.session
+        if session is None or "grad_clip_norm" not in changes:
+            return
+        session.cfg.grad_clip_norm = changes["grad_clip_norm"]
+        if session.custom_step is not None and session.optimizer is not None:
+            self.clip_hook.set([session.optimizer, *session.extra_optimizers], changes["grad_clip_norm"])
 
 
 class OnTheFlySession(TrainingMixin, OnTheFlySessionBase):
@@ -62,7 +81,8 @@ class OnTheFlySession(TrainingMixin, OnTheFlySessionBase):
         if device is not None:
             self.cfg.device = str(device)
         self.device = torch.device(self.cfg.device) if self.cfg.device else _default_device(model)
-        self.model = model.to(self.device)
+        self.train_module = model.to(self.device)  # a DistributedDataParallel wrapper stays what trains
+        self.model = unwrap_parallel(self.train_module)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         self.scheduler = scheduler

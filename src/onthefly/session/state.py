@@ -35,4 +35,6 @@ class Lifecycle:
     restart_requested: bool = False  # serving after training: a resume asked to train again
     reposition: bool = False  # a command moved the run; the loop must re-open its epoch iterator
     moves: int = 0  # how many times a command moved the run (loops that iterate for the user watch it)
+    start_pause_done: bool = False  # `start_paused` held the run once already
+    scheduled_pause: tuple[str, int, str] | None = None  # ("step" | "epoch", n, reason): `pause` with at_step/at_epoch
     rng_overridden: bool = False  # the running gate job set the RNG on purpose

@@ -171,7 +171,7 @@ def test_set_hparams_reach_every_param_group_the_scheduler_and_hf_args(tmp_path)
         session = onthefly.attach_hf(trainer, **session_options(tmp_path, server))
         holder["session"] = lambda: session
         server.wait_connected(WAIT)
-        assert session.cfg.grad_clip_norm == 1.0  # HF's max_grad_norm is the session's grad clipping
+        assert session.hparams_in_force()["grad_clip_norm"] == 1.0  # HF's max_grad_norm is the session's clipping
         trainer.train()
         results = holder["driver"].join()
         session.close()

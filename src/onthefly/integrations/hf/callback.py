@@ -63,7 +63,6 @@ class HFCallback(TrainerCallback):
         self._loss_seen: torch.Tensor | None = None
         self._moved = False
         self._epoch_pending = False
-        self._clip_seen: float | None = None
         self._warned_dropped = False
 
     # ---- binding -----------------------------------------------------------------------------
@@ -106,7 +105,6 @@ class HFCallback(TrainerCallback):
             session.configure_loaders(val_loader=delegate.eval_loader())
         self._micro, self._lr, self._loss_seen = 0, None, None
         self._moved = self._epoch_pending = False
-        self._clip_seen = session.cfg.grad_clip_norm
         if state.global_step > 0:
             # HF resumed from its own checkpoint folder: its epoch skips the batches already trained on.
             epoch, batch = delegate.position_of(float(state.epoch or 0.0))
@@ -120,8 +118,6 @@ class HFCallback(TrainerCallback):
             session.take_reposition()
         session.before_training()
         delegate.boundary_hook()  # commands sent before training run before the first batch
-        delegate.loader_changed = False  # HF has not opened its first epoch yet: nothing to end
-        self.apply_grad_clip(args)
 
     # ---- the hot path --------------------------------------------------------------------------
     def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -155,12 +151,10 @@ class HFCallback(TrainerCallback):
         session.record_step(metrics, step=state.global_step, batch_in_epoch=position, samples=batches * size)
         moves = session.lifecycle.moves
         delegate.boundary_hook()
-        if session.lifecycle.moves != moves or delegate.loader_changed:
-            delegate.loader_changed = False
+        if session.lifecycle.moves != moves:
             if delegate.shard is not None and self.training:
                 control.should_epoch_stop = True  # HF's next epoch iterator starts where the session is
                 self._moved = True
-        self.apply_grad_clip(args)
         return control
 
     def step_loss(self, trainer: Trainer) -> torch.Tensor | None:
@@ -185,13 +179,6 @@ class HFCallback(TrainerCallback):
         if hasattr(trainer, "_globalstep_last_logged"):
             trainer._globalstep_last_logged = trainer.state.global_step
         self._loss_seen = None
-
-    def apply_grad_clip(self, args: TrainingArguments) -> None:
-        """A `set_hparams grad_clip_norm` becomes HF's `args.max_grad_norm` (0 turns clipping off)."""
-        wanted = self.session.cfg.grad_clip_norm
-        if wanted != self._clip_seen:
-            self._clip_seen = wanted
-            args.max_grad_norm = float(wanted) if wanted else 0.0
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,
                logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -231,11 +218,22 @@ class HFCallback(TrainerCallback):
         complete = length is None or session.state.batch_in_epoch >= length
         if not complete and control.should_training_stop:
             return control  # stopped inside the epoch: it has not ended
+        if complete and self.last_epoch(args):
+            # The run's epochs are the session's: after a resume in a fresh process (or a fork's
+            # shorter epochs) HF's own count lags, and it would start one epoch too many.
+            control.should_training_stop = True
         if control.should_evaluate and self.delegate.reports_validation():
             self._epoch_pending = True  # closed with the validation loss HF computes next
         else:
             self.close_epoch(None)
         return control
+
+    def last_epoch(self, args: TrainingArguments) -> bool:
+        """Whether the session epoch ending now is the last of a whole `num_train_epochs` (no `max_steps`)."""
+        epochs = float(args.num_train_epochs)
+        if args.max_steps > 0 or not epochs.is_integer():
+            return False
+        return self.session.state.epoch + 1 >= int(epochs)
 
     def close_epoch(self, val_loss: float | None) -> None:
         self._epoch_pending = False

@@ -67,8 +67,6 @@ class HFDelegate(FrameworkDelegate):
         self.native_checkpoints = native_checkpoints
         #: The Trainer's train `DataLoaderShard` once training began (None: HF iterates its own loader).
         self.shard: Any = None
-        #: The session's train loader changed: the Trainer must leave its current epoch iterator.
-        self.loader_changed = False
         self._measured: tuple[Any, int | None] = (None, None)  # (loader, its length), asked every step
         #: A test (`trainer.evaluate` on the test set) is running, and the batches it has scored.
         self.testing = False
@@ -104,13 +102,33 @@ class HFDelegate(FrameworkDelegate):
         """HF's way: `control.should_training_stop`; the Trainer ends after this step."""
         self.trainer.control.should_training_stop = True
 
+    # ---- loop settings -----------------------------------------------------------------------
+    def loop_settings(self) -> dict[str, Any]:
+        """HF clips with `args.max_grad_norm` (read at every optimizer step); 0 or None: no clipping."""
+        norm = getattr(self.trainer.args, "max_grad_norm", None)
+        return {"grad_clip_norm": float(norm) if norm else None}
+
+    def apply_loop_settings(self, changes: dict[str, Any]) -> None:
+        if "grad_clip_norm" in changes:
+            self.trainer.args.max_grad_norm = float(changes["grad_clip_norm"] or 0.0)
+
     # ---- data --------------------------------------------------------------------------------
+    def data_edit_timing(self) -> str | None:
+        """From HF's next epoch while it draws its batches from the session; never from a loader of its own.
+
+        Not at once: ending HF's epoch early would use up one of its `num_train_epochs`.
+        """
+        return "next_epoch" if self.shard is not None else None
+
     def refresh_train_loader(self, loader: Any) -> None:
-        """The Trainer's next epoch iterator comes from `loader`; the current one ends at this boundary."""
+        """HF's next epoch iterator comes from `loader` (`SessionBatches` reads the session's loader).
+
+        A command that also moves the run (fork, merge, load) ends HF's current epoch at this
+        boundary (see `HFCallback.on_step_end`); a data edit alone waits for HF's next epoch.
+        """
         if self.shard is None:
             raise CommandError("the Trainer's train dataloader is not an Accelerate DataLoaderShard, so onthefly "
                                "cannot switch the data it trains on", ErrorCode.FAILED)
-        self.loader_changed = True
 
     def eval_loader(self) -> Any:
         """A plain loader over the Trainer's eval set, with its batch size and collator (for val reports)."""

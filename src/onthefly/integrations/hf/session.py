@@ -89,8 +89,8 @@ def open_session(trainer: Trainer, callback: HFCallback, *, project: str = "defa
                  resume_run: str | None = None, **settings: Any) -> HFSession:
     """The session of `trainer`, with `callback` in its callbacks (see `attach_hf` for the arguments)."""
     settings.setdefault("diagnostics_every_n_steps", EXTERNAL_DIAGNOSTICS_EVERY)
-    max_grad_norm = float(getattr(trainer.args, "max_grad_norm", 0.0) or 0.0)
-    settings.setdefault("grad_clip_norm", max_grad_norm if max_grad_norm > 0 else None)
+    if settings.get("grad_clip_norm") is not None:  # HF clips with its own setting; ours becomes it
+        trainer.args.max_grad_norm = float(settings["grad_clip_norm"])
     config = SessionConfig(project=project, run_name=run_name, do_test_after=do_test_after, transport=transport,
                            save_dir=save_dir, dashboard_port=dashboard_port, **settings)
     delegate = HFDelegate(trainer, callback, test_dataset=test_dataset, native_checkpoints=native_checkpoints)

@@ -114,6 +114,11 @@ class OnTheFlyCallback(Callback):
         self._reset_accumulation()
         self.delegate.boundary_hook()
 
+    def note_accumulation(self, trainer: pl.Trainer) -> None:
+        """`accumulate_grad_batches` changed: reported losses undo Lightning's new loss scaling."""
+        module = trainer.lightning_module
+        self._loss_scale = trainer.accumulate_grad_batches if module is not None and module.automatic_optimization else 1
+
     def _batch_samples(self, batch: Any) -> int:
         """Samples in a batch, for throughput; a batch without a batch dimension counts as 0."""
         try:

@@ -99,6 +99,30 @@ class LightningDelegate(FrameworkDelegate):
         fit_loop._combined_loader = None
         return True
 
+    # ---- loop settings (set_hparams) ---------------------------------------------------------
+    def loop_settings(self) -> dict[str, Any]:
+        """Lightning's own `gradient_clip_val` (clipping by norm) and `accumulate_grad_batches`.
+
+        Both apply to automatic optimization only; a module that steps its optimizers itself has none.
+        """
+        trainer = self.trainer
+        module = trainer.lightning_module or (self.session.model if self.session is not None else None)
+        if module is None or not getattr(module, "automatic_optimization", True):
+            return {}
+        settings: dict[str, Any] = {"accumulate_grad_batches": int(trainer.accumulate_grad_batches)}
+        algorithm = trainer.gradient_clip_algorithm
+        if algorithm is None or str(getattr(algorithm, "value", algorithm)) == "norm":
+            settings["grad_clip_norm"] = trainer.gradient_clip_val or None
+        return settings
+
+    def apply_loop_settings(self, changes: dict[str, Any]) -> None:
+        """Set them on the trainer: Lightning reads both at every batch (the callback rescales its loss)."""
+        if "grad_clip_norm" in changes:
+            self.trainer.gradient_clip_val = changes["grad_clip_norm"]
+        if "accumulate_grad_batches" in changes:
+            self.trainer.accumulate_grad_batches = int(changes["accumulate_grad_batches"])
+            self.callback.note_accumulation(self.trainer)
+
     # ---- tests -------------------------------------------------------------------------------
     def has_own_test(self) -> bool:
         module = self.trainer.lightning_module or (self.session.model if self.session is not None else None)
@@ -184,6 +208,8 @@ class LightningDelegate(FrameworkDelegate):
         Lightning's counters come from the checkpoint's `fit_loop` state; the data fetcher is then
         re-opened on the checkpoint's epoch with that epoch's starting RNG and fast-forwarded past
         the batches already trained on, so the next batch is the one the saved run trained next.
+        When the load installed another train loader (the checkpoint's sampling plan), Lightning's
+        data is set up on it first.
         Without Lightning state in the checkpoint (saved by another runtime) only weights and
         optimizers move; the session then counts from the checkpoint's step.
         """
@@ -198,6 +224,16 @@ class LightningDelegate(FrameworkDelegate):
         if "precision" in state:
             trainer.precision_plugin.load_state_dict(state["precision"])
         fit_loop = trainer.fit_loop
+        if self._pending_loader is not None and getattr(fit_loop, "_combined_loader", None) is not None:
+            # The checkpoint trained on another loader (its sampling plan): set Lightning's data up on it now.
+            running = fit_loop._data_fetcher  # a running epoch loop holds this very object: keep it
+            self.apply_pending_loader()
+            fit_loop.setup_data()
+            if running is not None:
+                fresh, fit_loop._data_fetcher = fit_loop._data_fetcher, running
+                if fresh is not None:
+                    fresh.teardown()
+                running.setup(fit_loop._combined_loader)
         fetcher = getattr(fit_loop, "_data_fetcher", None)
         if fetcher is None or fit_loop._combined_loader is None:
             raise CommandError(f"this Lightning version ({pl.__version__}) does not let onthefly reposition "

@@ -79,6 +79,8 @@ def dist_report(session: Any, model: nn.Module, p: DistHealth) -> dict[str, Any]
     world, rank = dist.get_world_size(), dist.get_rank()
     local_rank = os.environ.get("LOCAL_RANK")
     meta_hash = metadata_hash(model)
+    if session.ranks is not None:
+        return ranks_report(session, model, p, fsdp, backend, meta_hash)
     notes = [
         "cross-rank parity needs every rank's session to answer: this command reached one rank, "
         "so no collective was issued (it would wait forever for ranks that were not asked); "
@@ -105,6 +107,49 @@ def dist_report(session: Any, model: nn.Module, p: DistHealth) -> dict[str, Any]
         "ok": None, "metadata_hash": meta_hash,
         "params": sum(1 for _ in model.parameters()), "buffers": sum(1 for _ in model.buffers()),
         "weights_hash": weights_hash, "sampled_weights": sampled, "notes": notes,
+        "text": health_text(session, "Distributed health", lines + notes),
+    }
+
+
+def ranks_report(session: Any, model: nn.Module, p: DistHealth, fsdp: bool, backend: str,
+                 meta_hash: str) -> dict[str, Any]:
+    """Every rank's figures, gathered (the command runs on every rank of a session's distributed run)."""
+    group = session.ranks
+    weights_hash, sampled = (None, []) if fsdp else sampled_weights_hash(model, max(p.sample_weights, 8))
+    mine = {"rank": group.rank, "local_rank": os.environ.get("LOCAL_RANK"), "pid": os.getpid(),
+            "step": int(session.state.step), "epoch": int(session.state.epoch),
+            "metadata_hash": meta_hash, "weights_hash": weights_hash,
+            "last_agreement_wait_ms": round(session.distributed.last_wait_s * 1000, 3),
+            "arrived_at": session.distributed.arrived_at, "agreements": group.agreements}
+    ranks = group.all_gather(mine, what="gathering dist_health")
+    timing = group.timed_all_reduce(numel=1 << 18)
+    steps = [r["step"] for r in ranks]
+    arrivals = [r["arrived_at"] for r in ranks if r["arrived_at"] is not None]
+    same_meta = len({r["metadata_hash"] for r in ranks}) == 1
+    same_weights = fsdp or len({r["weights_hash"] for r in ranks}) == 1
+    skew = max(steps) - min(steps)
+    notes = []
+    if not same_meta:
+        notes.append("the ranks' models differ in structure (metadata_hash)")
+    if not same_weights:
+        notes.append("the ranks' weights differ (weights_hash): they are no longer in sync")
+    if fsdp:
+        notes.append("FSDP shards parameters across ranks: weights are not compared")
+    arrival_ms = round((max(arrivals) - min(arrivals)) * 1000, 3) if len(arrivals) == len(ranks) else None
+    ok = same_meta and same_weights and skew == 0
+    lines = [f"backend={backend} world_size={group.world} fsdp={fsdp}",
+             f"step_skew={skew} arrival_skew_ms={arrival_ms} all_reduce_ms={timing['median_s'] * 1000:.3f} "
+             f"(1 MiB, median of 5)", f"metadata parity={same_meta} weights parity={same_weights}"]
+    lines += [f"rank {r['rank']}: step {r['step']} waited {r['last_agreement_wait_ms']} ms at the last agreement"
+              for r in ranks]
+    return {
+        "is_distributed": True, "distributed": True, "fsdp": fsdp, "backend": backend, "world_size": group.world,
+        "rank": group.rank, "ok": ok, "metadata_hash": meta_hash, "weights_hash": weights_hash,
+        "sampled_weights": sampled, "params": sum(1 for _ in model.parameters()),
+        "buffers": sum(1 for _ in model.buffers()), "ranks": ranks, "step_skew": skew,
+        "arrival_skew_ms": arrival_ms, "all_reduce_ms": round(timing["median_s"] * 1000, 4),
+        "all_reduce_min_ms": round(timing["min_s"] * 1000, 4), "all_reduce_numel": int(timing["numel"]),
+        "sync_every_steps": group.every, "notes": notes,
         "text": health_text(session, "Distributed health", lines + notes),
     }
 
