@@ -80,6 +80,17 @@ def unwrap_parallel(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def rank_position(document: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The (data position, RNG state) this process resumes a checkpoint `document` with: its own
+    rank's, when a job of as many ranks wrote it (`document["ranks"]`); otherwise the document's own."""
+    rank, world = rank_and_world()
+    ranks = document.get("ranks")
+    if isinstance(ranks, dict) and ranks.get("world") == world and world > 1:
+        mine = ranks["states"][rank]
+        return mine.get("data") or {}, mine.get("rng")
+    return document.get("data") or {}, document.get("rng")
+
+
 def whole_split(source: Any) -> Any:
     """What a split of a distributed job holds: the dataset behind a loader whose `DistributedSampler`
     hands this rank its share only (every rank's samples, no padding); any other source as it is."""

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
 
 ROOT = Path(__file__).resolve().parents[2]
 WAIT = 120.0
-RUNTIMES = ("trainer", "own_loop")
+RUNTIMES = ("trainer", "own_loop", "lightning")
 
 
 def torchrun(runtime: str, out: Path, store: Path, *args: str) -> subprocess.Popen:
@@ -94,7 +94,7 @@ def test_pause_report_checkpoint_resume_across_ranks(runtime, references, tmp_pa
         assert report["meta"]["samples"] == N_SAMPLES and report["meta"]["ranks"] == 2
         assert report["sample_indices"] == list(range(N_SAMPLES))  # each sample exactly once, no padding
         model = build_model()
-        model.load_state_dict(document["model"])
+        model.load_state_dict({k.removeprefix("net."): v for k, v in document["model"].items()})  # Lightning: net.*
         with compute_per_sample_losses(model, dataset(), nn.CrossEntropyLoss(), batch_size=8, seed=1337) as single:
             losses, indices = single.to_numpy()
         assert indices.tolist() == list(range(N_SAMPLES))
@@ -162,7 +162,7 @@ def test_fork_trains_on_both_ranks_then_merge(runtime, tmp_path):
         server.close()
     rank0, rank1 = weights_of(tmp_path / "out")
     assert_same(rank0, rank1)  # the merge ran once and reached both ranks
-    assert_same(rank0, load_checkpoint(merged["ckpt"])["model"])
+    assert_same(rank0, {k.removeprefix("net."): v for k, v in load_checkpoint(merged["ckpt"])["model"].items()})
 
 
 def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path):

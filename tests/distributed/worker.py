@@ -3,7 +3,9 @@
     torchrun --standalone --nproc_per_node 2 -m tests.distributed.worker RUNTIME OUT STORE
         [--port P] [--epochs E] [--delay S] [--resume PATH] [--ckpt-every N] [--die-at STEP]
 
-RUNTIME is `trainer` (Trainer.fit) or `own_loop` (onthefly.attach and the session's batches).
+RUNTIME is `trainer` (Trainer.fit), `own_loop` (onthefly.attach and the session's batches) or
+`lightning` (a LightningModule, `strategy="ddp"`: Lightning starts the process group and adds the
+`DistributedSampler` itself).
 Every rank saves its final weights to OUT/rank<R>.pt (rank 0 also the session folder). With
 `--die-at N`, rank 1 kills itself (SIGKILL) when it fetches batch N+1, as a crashed rank would.
 """
@@ -41,9 +43,61 @@ def build_model() -> nn.Module:
     return nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.1), nn.Linear(16, 3))
 
 
+def session_settings(args: argparse.Namespace) -> dict:
+    return dict(project="ddp", run_name="baseline", save_dir=args.store, ckpt_every_steps=args.ckpt_every,
+                transport="tcp" if args.port else "off", dashboard_port=args.port,
+                allowed_paths=(str(Path(args.out)),), dist_sync_every_steps=4, dist_timeout_s=30.0)
+
+
+def slow_collate(delay: float):
+    def collate(items):
+        if delay:
+            time.sleep(delay)
+        return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+    return collate
+
+
+def save_result(out: Path, rank: int, weights: dict, session) -> None:
+    torch.save({"weights": {k: v.detach().clone() for k, v in weights.items()}, "folder": str(session.storage.folder),
+                "step": session.state.step, "session_id": session.session_id}, out / f"rank{rank}.pt")
+
+
+def lightning_main(args: argparse.Namespace) -> None:
+    import lightning.pytorch as pl
+
+    class Lit(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_model()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+    rank = int(os.environ["RANK"])
+    module = Lit()
+    torch.manual_seed(100 + rank)  # each rank draws its own dropout masks
+    loader = DataLoader(dataset(), batch_size=BATCH, shuffle=True, collate_fn=slow_collate(args.delay))
+    trainer = pl.Trainer(max_epochs=args.epochs, accelerator="cpu", devices=2, strategy="ddp", deterministic=True,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=args.store)
+    session = onthefly.attach_lightning(trainer=trainer, model=module, loss_fn=nn.CrossEntropyLoss(),
+                                        resume_from=args.resume, **session_settings(args))
+    trainer.fit(module, loader)
+    save_result(Path(args.out), rank, module.net.state_dict(), session)
+    session.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("runtime", choices=("trainer", "own_loop"))
+    parser.add_argument("runtime", choices=("trainer", "own_loop", "lightning"))
     parser.add_argument("out")
     parser.add_argument("store")
     parser.add_argument("--port", type=int, default=None)
@@ -54,6 +108,8 @@ def main() -> None:
     parser.add_argument("--die-at", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.runtime == "lightning":
+        return lightning_main(args)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
 
@@ -75,9 +131,7 @@ def main() -> None:
     torch.manual_seed(100 + rank)  # each rank draws its own dropout masks: its RNG must be saved on its own
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
-    settings = dict(project="ddp", run_name="baseline", save_dir=args.store, ckpt_every_steps=args.ckpt_every,
-                    transport="tcp" if args.port else "off", dashboard_port=args.port,
-                    allowed_paths=(str(Path(args.out)),), dist_sync_every_steps=4, dist_timeout_s=30.0)
+    settings = session_settings(args)
     if args.runtime == "trainer":
         trainer = onthefly.Trainer(max_epochs=args.epochs, **settings)
         trainer.fit(model, optimizer, loss_fn, loader, resume_from=args.resume)
@@ -94,10 +148,7 @@ def main() -> None:
                 if not session.step(loss):
                     break
         session.finish()
-    out = Path(args.out)
-    weights = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
-    torch.save({"weights": weights, "folder": str(session.storage.folder), "step": session.state.step,
-                "session_id": session.session_id}, out / f"rank{rank}.pt")
+    save_result(Path(args.out), rank, model.module.state_dict(), session)
     session.close()
     dist.destroy_process_group()
 

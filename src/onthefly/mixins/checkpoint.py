@@ -29,7 +29,7 @@ from ..checkpoints import (
 )
 from ..control.constraints import SafeName
 from ..control.errors import CommandError, ErrorCode
-from ..ranks import rank_and_world
+from ..ranks import rank_position
 from .command import command
 
 
@@ -376,17 +376,6 @@ class CheckpointMixin:
         items = [{"path": str(i.path), "step": i.step, "size": i.size, "created": i.created}
                  for i in self.ring(run_id).list()]
         return {"run_id": run_id, "checkpoints": items}
-
-
-def rank_position(document: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """The (data position, RNG state) this process resumes with: its own rank's, when the checkpoint
-    was written by a job of as many ranks as this one; otherwise the checkpoint's (rank 0's)."""
-    rank, world = rank_and_world()
-    ranks = document.get("ranks")
-    if isinstance(ranks, dict) and ranks.get("world") == world and world > 1:
-        mine = ranks["states"][rank]
-        return mine.get("data") or {}, mine.get("rng")
-    return document.get("data") or {}, document.get("rng")
 
 
 def chain(source: Future, target: Future) -> None:

@@ -38,6 +38,9 @@ from ..ranks import (
 )
 from ..storage import SessionStorage
 
+#: Runtimes whose multi-process runs are not steered yet (their loops keep state the ranks cannot share).
+UNSTEERED_RUNTIMES = frozenset({"hf", "accelerate"})
+
 #: Commands that only write files (rank 0's job): a failure on one rank does not split the ranks' state.
 FILE_ONLY_COMMANDS = frozenset({"save_ckpt", "prepare_export", "spill_all", "export_subset", "clean_disk"})
 
@@ -118,6 +121,11 @@ class DistributedMixin:
         if dist.group is not None or process_group_world() < 2:
             return
         cfg = self.cfg
+        runtime = self.framework.runtime
+        if runtime in UNSTEERED_RUNTIMES:
+            raise RuntimeError(f"onthefly does not steer a multi-process {runtime!r} run yet (world size "
+                               f"{process_group_world()}): run it in one process, or use onthefly.Trainer, "
+                               "onthefly.attach or Lightning for DDP (see docs/distributed.md)")
         group = RankGroup(every=cfg.dist_sync_every_steps, timeout_s=cfg.dist_timeout_s)
         if group.leader == dist.follower:
             raise RuntimeError(f"rank {group.rank}: the launcher's environment (RANK/LOCAL_RANK) said this process "

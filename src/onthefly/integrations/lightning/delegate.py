@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from ...checkpoints import CheckpointError, fsync_directory, restore_rng_state
 from ...control.errors import CommandError, ErrorCode
+from ...ranks import rank_position
 from ...sampler_utils import forward_epoch
 from ...session.delegate import FrameworkDelegate, TestOutcome
 from ...session.external import OnTheFlyExternalSession
@@ -248,7 +249,7 @@ class LightningDelegate(FrameworkDelegate):
             fit_loop.epoch_progress.current.completed = fit_loop.epoch_progress.current.processed
         epoch = trainer.current_epoch
         batches = fit_loop.epoch_loop.batch_progress.current.ready
-        data = document.get("data") or {}
+        data, rng = rank_position(document)  # this rank's own, in a distributed run
         start = data.get("epoch_start")
         if start is not None and start.get("epoch") == epoch:
             restore_rng_state(start["rng"])
@@ -272,7 +273,6 @@ class LightningDelegate(FrameworkDelegate):
             fetcher.done = fetcher.length is not None and batches >= fetcher.length
         session.note_epoch_start(epoch, start)
         session.discard_resume()
-        rng = document.get("rng")
         if rng is not None:
             restore_rng_state(rng)
         session.align_with_framework(trainer.global_step, epoch, batches)
