@@ -82,7 +82,7 @@ def test_pause_report_checkpoint_resume_across_ranks(runtime, references, tmp_pa
         paused = server.request("pause", {"reason": "ddp"}, timeout=WAIT)
         assert paused["status"] == "paused" and 10 <= paused["step"] < 63  # mid-epoch (63 steps per rank)
         status = server.request("status")
-        assert status["step"] == paused["step"]
+        assert status["step"] == paused["step"] and status["world_size"] == 2
 
         saved = server.request("save_ckpt", timeout=WAIT)
         document = load_checkpoint(saved["path"])

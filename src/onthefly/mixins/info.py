@@ -75,6 +75,7 @@ class InfoMixin:
             "last_val_loss": st.last_val_loss,
             "active_subset_size": len(self.active_subset) if self.active_subset is not None else None,
             "pending_commands": self.gate.queued,
+            "world_size": self.ranks.world if self.ranks is not None else 1,  # ranks steered as one
         }
 
     @command("events_since", EventsSince, mutating=False, description="stored events after an event_seq (paged)")
