@@ -47,6 +47,14 @@ def finish(proc: subprocess.Popen, timeout: float = WAIT) -> str:
     return output
 
 
+def stop(proc: subprocess.Popen) -> None:
+    """Kill a job still running (a failed test) and show what its ranks printed."""
+    if proc.poll() is None:
+        proc.kill()
+        output, _ = proc.communicate(timeout=30)
+        print(output[-8000:])
+
+
 def weights_of(out: Path) -> list[dict[str, torch.Tensor]]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True)["weights"] for r in (0, 1)]
 
@@ -112,8 +120,7 @@ def test_pause_report_checkpoint_resume_across_ranks(runtime, references, tmp_pa
         assert proc.returncode == 0, output
         assert server.connection_count == 1  # rank 1 never opened a connection
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
         server.close()
     rank0, rank1 = weights_of(tmp_path / "out")
     assert_same(rank0, references[runtime])  # the pause changed nothing, on either rank
@@ -157,8 +164,7 @@ def test_fork_trains_on_both_ranks_then_merge(runtime, tmp_path):
         assert proc.returncode == 0, output
         assert server.connection_count == 1
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
         server.close()
     rank0, rank1 = weights_of(tmp_path / "out")
     assert_same(rank0, rank1)  # the merge ran once and reached both ranks
@@ -174,8 +180,7 @@ def test_a_dead_rank_ends_the_job_with_a_clear_error(tmp_path):
         output = finish(proc, timeout=90)
         elapsed = time.monotonic() - started
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        stop(proc)
     assert proc.returncode != 0 and elapsed < 60, output
     finished = server.wait_for_event("trainingFinished", 10)
     server.close()

@@ -46,7 +46,7 @@ def build_model() -> nn.Module:
 def session_settings(args: argparse.Namespace) -> dict:
     return dict(project="ddp", run_name="baseline", save_dir=args.store, ckpt_every_steps=args.ckpt_every,
                 transport="tcp" if args.port else "off", dashboard_port=args.port,
-                allowed_paths=(str(Path(args.out)),), dist_sync_every_steps=4, dist_timeout_s=30.0)
+                allowed_paths=(str(Path(args.out)),), dist_sync_every_steps=4, dist_timeout_s=120.0)
 
 
 def slow_collate(delay: float):
