@@ -29,6 +29,10 @@ DEFAULT_SYNC_EVERY = 8
 DEFAULT_TIMEOUT_S = 120.0
 
 
+#: The control group made for a process group (and timeout), reused by later sessions of the process.
+_CONTROL_GROUPS: dict[tuple[int, float], Any] = {}
+
+
 class RankPeerLost(RuntimeError):
     """A collective of the session failed: a peer rank died, hung past the timeout, or left."""
 
@@ -120,12 +124,17 @@ class RankGroup:
         self.every = every
         self.timeout_s = float(timeout_s)
         self.agreements = 0  # how many agreements ran (diagnostics)
-        try:
-            # Control messages travel on gloo whatever the training backend is (NCCL included): they
-            # are tiny, live on the CPU, and must not queue behind the model's all-reduces.
-            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
-        except Exception as exc:
-            raise self.lost("creating the session's control group", exc) from exc
+        key = (id(dist.distributed_c10d._get_default_group()), self.timeout_s)
+        group = _CONTROL_GROUPS.get(key)
+        if group is None:
+            try:
+                # Control messages travel on gloo whatever the training backend is (NCCL included): they
+                # are tiny, live on the CPU, and must not queue behind the model's all-reduces.
+                group = dist.new_group(backend="gloo", timeout=timedelta(seconds=self.timeout_s))
+            except Exception as exc:
+                raise self.lost("creating the session's control group", exc) from exc
+            _CONTROL_GROUPS[key] = group  # every rank makes its sessions in the same order: reuse it
+        self.group = group
 
     @property
     def leader(self) -> bool:
