@@ -94,7 +94,8 @@ def worker(args: argparse.Namespace) -> None:
     if rank == 0:
         steps = len(loader)
         print(f"2-rank DDP, gloo, {args.samples} samples ({steps} steps of 64 per rank), "
-              f"ranks agree every {args.sync_every} steps, {args.runs} runs (ABBA)")
+              f"ranks agree every {args.sync_every} steps, {args.runs} runs (ABBA), "
+              f"{'a loopback dashboard on rank 0' if port else 'no dashboard'}")
         print(f"plain DDP loop    median {statistics.median(times['plain']) * 1000:.1f} ms")
         print(f"Trainer.fit       median {statistics.median(times['onthefly']) * 1000:.1f} ms")
         print(f"ratio Trainer/plain: median {statistics.median(ratios):.3f}x "
@@ -107,6 +108,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--samples", type=int, default=20000)
     parser.add_argument("--sync-every", type=int, default=8)
+    parser.add_argument("--no-dashboard", action="store_true", help="rank 0 connects to no dashboard")
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,7 +117,8 @@ def main() -> None:
         return
     with loopback_dashboard() as port:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   os.path.abspath(__file__), "--worker", "--port", str(port), "--runs", str(args.runs),
+                   os.path.abspath(__file__), "--worker", *([] if args.no_dashboard else ["--port", str(port)]),
+                   "--runs", str(args.runs),
                    "--samples", str(args.samples), "--sync-every", str(args.sync_every)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         sys.exit(subprocess.run(command, env=env).returncode)
