@@ -23,7 +23,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,6 +61,7 @@ class DistributedState:
     root_manifest: dict[str, Any] | None = None  # the leader's manifest of the first run, when training began
     arrived_at: float | None = None  # wall clock when this rank reached the last agreement (dist_health)
     last_wait_s: float = 0.0  # how long it waited there for the leader
+    runs_on_disk: list[str] = field(default_factory=list)  # the runs in rank 0's folder when training began
 
 
 class _Replicator:
@@ -133,7 +134,8 @@ class DistributedMixin:
                                f"{group.rank}; launch with torchrun (or set RANK) so the session knows its rank")
         identity = group.broadcast({"session_id": self.session_id, "folder": str(self.storage.folder),
                                     "connected": bool(self.bus.connected),
-                                    "manifest": self.read_manifest(cfg.run_name) if group.leader else None},
+                                    "manifest": self.read_manifest(cfg.run_name) if group.leader else None,
+                                    "runs": self.storage.run_ids() if group.leader else None},
                                    what="sharing the session folder")
         if not group.leader:
             folder = Path(identity["folder"])
@@ -146,6 +148,7 @@ class DistributedMixin:
             self.update_event_context()
         dist.connected = bool(identity["connected"])
         dist.root_manifest = identity["manifest"]
+        dist.runs_on_disk = list(identity["runs"])
         dist.beat_s = max(0.5, min(5.0, cfg.dist_timeout_s / 4))
         dist.last_sent = time.monotonic()
         dist.group = group

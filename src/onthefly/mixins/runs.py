@@ -134,7 +134,14 @@ class RunsMixin:
 
     # ---- names -------------------------------------------------------------------------------
     def known_runs(self) -> list[str]:
-        return sorted(set(list(self.runs.manifests)) | set(self.storage.run_ids()))
+        """Every run of the session: those made here, and those in its folder.
+
+        In a distributed run the folder is read as rank 0 saw it when training began: rank 0
+        writes run folders in the background, and a rank that saw one a moment earlier than
+        another would name the next fork differently.
+        """
+        on_disk = self.distributed.runs_on_disk if self.ranks is not None else self.storage.run_ids()
+        return sorted(set(self.runs.manifests) | set(on_disk))
 
     def unique_run_name(self, wanted: str, *, dedupe: bool = True) -> str:
         """`wanted` (a safe name), with `-2`, `-3`, ... appended while it is taken."""
