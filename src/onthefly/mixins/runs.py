@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-from ..control.errors import CommandError, ErrorCode
-from ..fileio import atomic_write
 from ..control.constraints import Range, SafeName
+from ..control.errors import CommandError, ErrorCode
 from ..control.names import check_safe_name
+from ..fileio import atomic_write
 from .command import command
 
 
