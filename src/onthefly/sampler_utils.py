@@ -60,7 +60,26 @@ def check_non_negative_int(name: str, value: Any) -> int:
     return value
 
 
-class EpochSeededRandomSampler(Sampler[int]):
+class SkippableEpochSampler(Sampler[int]):
+    """A sampler whose epoch is the index tensor `order()`; `skip(n)` (set by a subclass in `_skip`)
+    makes the next iterator start `n` positions in, once."""
+
+    _skip = 0
+    num_samples: int
+
+    def order(self, epoch: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[int]:
+        # Computed eagerly so the pending skip is consumed by this iterator, not a later one.
+        start, self._skip = self._skip, 0
+        return iter(self.order()[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip
+
+
+class EpochSeededRandomSampler(SkippableEpochSampler):
     """Yields a permutation that depends only on `seed + epoch`, never on the global RNG.
 
     `skip(n)` makes the next iterator start after the first `n` positions of the current epoch's
@@ -124,14 +143,6 @@ class EpochSeededRandomSampler(Sampler[int]):
         generator = torch.Generator()
         generator.manual_seed(self.seed + chosen)
         return torch.randperm(self.num_samples, generator=generator)
-
-    def __iter__(self) -> Iterator[int]:
-        # Computed eagerly so the pending skip is consumed by this iterator, not a later one.
-        start, self._skip = self._skip, 0
-        return iter(self.order()[start:].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples - self._skip
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to reproduce the next iterator in another process."""

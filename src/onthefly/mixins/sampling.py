@@ -16,14 +16,15 @@ Everything is checked before the plan changes, so a refused edit leaves the run 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import ConcatDataset, Sampler
+from torch.utils.data import ConcatDataset
 
 from ..control.constraints import Length, Range
 from ..control.errors import CommandError, ErrorCode
+from ..sampler_utils import SkippableEpochSampler
 from .command import command
 
 #: torch.multinomial draws among at most 2**24 categories.
@@ -32,7 +33,7 @@ Indices = Annotated[list[Annotated[int, Range(ge=0)]], Length(max=50_000_000)]
 Weight = Annotated[float, Range(ge=0, le=1e12)]
 
 
-class WeightedEpochSampler(Sampler[int]):
+class WeightedEpochSampler(SkippableEpochSampler):
     """Draws `num_samples` positions by weight; the draw depends only on (seed, epoch, weights).
 
     `set_epoch` selects the epoch's draw and `skip(n)` makes the next iterator start after the
@@ -66,13 +67,6 @@ class WeightedEpochSampler(Sampler[int]):
         generator = torch.Generator()
         generator.manual_seed((self.seed * 1_000_003 + 7919 + (self.epoch if epoch is None else int(epoch))) % 2**63)
         return torch.multinomial(self.weights, self.num_samples, self.replacement, generator=generator)
-
-    def __iter__(self) -> Iterator[int]:
-        start, self._skip = self._skip, 0
-        return iter(self.order()[start:].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples - self._skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "num_samples": self.num_samples,
