@@ -35,6 +35,15 @@ def pause_at(server: DashboardServer, step: int) -> dict:
     return server.request("pause", timeout=WAIT)
 
 
+def pause_exactly_at(server: DashboardServer, step: int) -> None:
+    """Schedule a pause at `step` (resuming a paused run), and wait until the run holds there."""
+    assert server.request("pause", {"at_step": step}, timeout=WAIT)["status"] == "scheduled"
+    if server.request("status", timeout=WAIT)["paused"]:
+        server.request("resume", timeout=WAIT)
+    held = server.wait_for_event(lambda e: e.get("type") == "paused" and e.get("step", -1) >= step, WAIT * 2)
+    assert held["step"] == step, held
+
+
 def five_edits(server: DashboardServer) -> list[str]:
     """lr, weight decay, a layer reset, data weights, dropped samples — at four pauses of a live run."""
     pause_at(server, 3)
@@ -89,15 +98,15 @@ def test_a_checkpoint_after_edits_resumes_bit_exactly(runtime, tmp_path):
     with DashboardServer(port=0) as server:
         proc = fresh_process(runtime, tmp_path, "reference", "--delay", "0.03", port=server.port, background=True)
         server.wait_connected(WAIT * 2)
-        pause_at(server, 4)
+        # Scheduled pauses: the steps are exact, so the checkpoint is mid-epoch on every runtime.
+        pause_exactly_at(server, 4)
         server.request("drop_samples", {"indices": TRAIN[::4]}, timeout=WAIT)
         server.request("set_data_weights", {"indices": TRAIN[1::4], "weight": 3.0}, timeout=WAIT)
         server.request("layer_op", {"path": module_named(server, "body"), "op": "freeze"}, timeout=WAIT)
         server.request("layer_op", {"path": module_named(server, "drop"), "op": "set_dropout", "p": 0.4},
                        timeout=WAIT)
         server.request("set_hparams", {"grad_clip_norm": 0.5, "lr": 0.02}, timeout=WAIT)
-        server.request("resume", timeout=WAIT)
-        pause_at(server, 14)  # the second epoch, after the new plan took effect everywhere
+        pause_exactly_at(server, 14)  # the second epoch, after the new plan took effect everywhere
         saved = server.request("save_ckpt", timeout=WAIT)
         server.request("resume", timeout=WAIT)
         reference = finish(proc, proc.out_path)

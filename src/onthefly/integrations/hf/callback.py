@@ -64,6 +64,7 @@ class HFCallback(TrainerCallback):
         self._moved = False
         self._epoch_pending = False
         self._warned_dropped = False
+        self._fed = False  # whether HF's current epoch iterator has yielded a batch
 
     # ---- binding -----------------------------------------------------------------------------
     @property
@@ -123,6 +124,7 @@ class HFCallback(TrainerCallback):
     def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self._micro += 1
+        self._fed = True
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, *,
                           optimizer: Any = None, **kwargs: Any) -> None:
@@ -134,7 +136,7 @@ class HFCallback(TrainerCallback):
                     **kwargs: Any) -> TrainerControl:
         delegate, session = self.delegate, self.session
         batches = self._micro + 1
-        self._micro = 0
+        self._micro, self._fed = 0, True
         run = session.state
         position = run.batch_in_epoch + batches
         if delegate.shard is not None:
@@ -188,6 +190,7 @@ class HFCallback(TrainerCallback):
     # ---- epochs and validation -----------------------------------------------------------------
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
+        self._fed = False
         if self._epoch_pending:
             self.close_epoch(None)
 
@@ -218,6 +221,12 @@ class HFCallback(TrainerCallback):
         complete = length is None or session.state.batch_in_epoch >= length
         if not complete and control.should_training_stop:
             return control  # stopped inside the epoch: it has not ended
+        if (complete and not self._fed and control.should_training_stop and session.state.running
+                and not 0 < state.max_steps <= state.global_step):
+            # HF ends training when an epoch yields no batch. This one yielded none because the run
+            # had trained on all of it already (a checkpoint taken at an epoch's last batch, loaded
+            # in a fresh process): the epoch ends here, and the run goes on to the next.
+            control.should_training_stop = False
         if complete and self.last_epoch(args):
             # The run's epochs are the session's: after a resume in a fresh process (or a fork's
             # shorter epochs) HF's own count lags, and it would start one epoch too many.
