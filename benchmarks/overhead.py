@@ -39,16 +39,14 @@ benchmarks; on a quiet machine it agrees, on a noisy one its spread is several t
 from __future__ import annotations
 
 import argparse
-import gc
 import logging
 import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -57,12 +55,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import loopback_dashboard  # noqa: E402
+from _interleave import Interleaved, Tick, Ticking, Timer, quartiles, sequential, settle  # noqa: E402
 
 import onthefly  # noqa: E402
 from onthefly import Trainer  # noqa: E402
-
-Tick = Callable[[], None]
-Variant = Callable[[Tick], None]  # trains once, calling tick() at every batch boundary
 
 
 def make_mlp() -> nn.Module:
@@ -99,34 +95,7 @@ def wait_connected(session: Any) -> None:
         time.sleep(0.005)
 
 
-class Ticking:
-    """A loader that calls `tick()` before fetching each batch (the hand-off point)."""
-
-    def __init__(self, loader: DataLoader, tick: Tick) -> None:
-        self.loader, self.tick = loader, tick
-
-    def __iter__(self) -> Iterator[Any]:
-        iterator = iter(self.loader)
-        while True:
-            self.tick()
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            yield batch
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
 # ---- the variants (setup outside `start()`..`stop()` is not timed) ---------------------------------
-class Timer:
-    """Marks where a variant's timed part starts and ends; the harness fills it in."""
-
-    start: Callable[[], None]
-    stop: Callable[[], None]
-
-
 def plain_loop(loader: DataLoader) -> Callable[[Tick, Timer], None]:
     def run(tick: Tick, timer: Timer) -> None:
         model, opt = fresh()
@@ -284,116 +253,6 @@ def hf_variants(loader: DataLoader, root: str, port: int) -> tuple[Callable[[Tic
 
 
 # ---- the harness ------------------------------------------------------------------------------------
-class Interleaved:
-    """Runs variants in threads, one at a time, passing the turn on every `slice_batches` batches."""
-
-    def __init__(self, slice_batches: int) -> None:
-        self.slice = slice_batches
-        self._cv = threading.Condition()
-        self._turn: str | None = None
-        self._active: list[str] = []
-
-    def _next_after(self, name: str) -> str | None:
-        if not self._active:
-            return None
-        order = self._active
-        if name in order:
-            return order[(order.index(name) + 1) % len(order)]
-        return order[0]
-
-    def run(self, variants: dict[str, Callable[[Tick, Timer], None]]) -> dict[str, float]:
-        """Train every variant once, interleaved; returns each one's timed wall seconds."""
-        spent = {name: 0.0 for name in variants}
-        errors: list[BaseException] = []
-        self._active = list(variants)
-        self._turn = self._active[0]
-
-        def worker(name: str, fn: Callable[[Tick, Timer], None]) -> None:
-            held_since: list[float | None] = [None]  # start of the current timed stretch
-
-            def wait_turn() -> None:
-                with self._cv:
-                    self._cv.wait_for(lambda: self._turn == name)
-
-            def pass_turn(finished: bool) -> None:
-                with self._cv:
-                    if finished:
-                        self._active.remove(name)
-                    self._turn = self._next_after(name)
-                    self._cv.notify_all()
-
-            def pause_clock() -> None:
-                if held_since[0] is not None:
-                    spent[name] += time.perf_counter() - held_since[0]
-
-            def resume_clock() -> None:
-                if held_since[0] is not None:
-                    held_since[0] = time.perf_counter()
-
-            count = [0]
-
-            def tick() -> None:
-                count[0] += 1
-                if count[0] % self.slice:
-                    return
-                pause_clock()
-                pass_turn(False)
-                wait_turn()
-                resume_clock()
-
-            timer = Timer()
-            timer.start = lambda: held_since.__setitem__(0, time.perf_counter())
-
-            def stop() -> None:
-                pause_clock()
-                held_since[0] = None
-
-            timer.stop = stop
-            wait_turn()
-            try:
-                fn(tick, timer)
-            except BaseException as exc:  # reported after every thread is done
-                errors.append(exc)
-            finally:
-                pass_turn(True)
-
-        threads = [threading.Thread(target=worker, args=(name, fn), name=f"bench-{name}") for name, fn in variants.items()]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        if errors:
-            raise errors[0]
-        return spent
-
-
-def settle() -> None:
-    """Collect garbage, then freeze what exists, before each run.
-
-    A full collection scans every object alive; after `import torch` (and Lightning) that takes
-    up to ~120 ms here and fires at moments that depend on allocation counts, landing in one
-    variant or the other at random. Frozen objects are skipped by the collector, so collections
-    during the timed part only scan what the training itself allocates, in every variant alike.
-    """
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
-
-
-def sequential(variants: dict[str, Callable[[Tick, Timer], None]]) -> dict[str, float]:
-    """Each variant trained alone, back to back in ABBA order; the mean of its two times."""
-    names = list(variants)
-    spent = {name: 0.0 for name in names}
-    for name in names + names[::-1]:
-        box: list[float] = [0.0]
-        timer = Timer()
-        timer.start = lambda: box.__setitem__(0, time.perf_counter())
-        timer.stop = lambda: box.__setitem__(0, time.perf_counter() - box[0])
-        variants[name](lambda: None, timer)
-        spent[name] += box[0] / 2
-    return spent
-
-
 class Comparison:
     def __init__(self, title: str, variants: dict[str, Callable[[Tick, Timer], None]], target: tuple[str, float]) -> None:
         self.title, self.variants, self.target = title, variants, target
@@ -421,13 +280,6 @@ class Comparison:
         ok = ratio <= target
         print(f"  target: {name} <= {target:.2f}x baseline -> {'OK' if ok else 'MISSED'} ({ratio:.3f}x)")
         return ok
-
-
-def quartiles(values: list[float]) -> tuple[float, float, float]:
-    if len(values) < 2:
-        return values[0], values[0], values[0]
-    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
-    return q1, q2, q3
 
 
 def main(argv: list[str] | None = None) -> int:
