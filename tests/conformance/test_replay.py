@@ -115,3 +115,26 @@ def test_a_checkpoint_after_edits_resumes_bit_exactly(runtime, tmp_path):
     assert int(document["data"]["sampling"]["dropped"].sum()) == len(TRAIN[::4])
     resumed = fresh_process(runtime, tmp_path, "resumed", "--resume", saved["path"])
     assert_same(reference["weights"], resumed["weights"])
+
+
+def test_a_checkpoint_while_a_data_edit_waits_for_the_next_epoch_resumes_bit_exactly(runtime, tmp_path):
+    """Lightning and HF take a data edit at the next epoch: a checkpoint in between replays the
+    epoch in progress as it was drawn, then switches to the new plan (native loops switch at once)."""
+    with DashboardServer(port=0) as server:
+        proc = fresh_process(runtime, tmp_path, "reference", "--delay", "0.03", port=server.port, background=True)
+        server.wait_connected(WAIT * 2)
+        pause_exactly_at(server, 4)
+        edit = server.request("drop_samples", {"indices": TRAIN[::4]}, timeout=WAIT)
+        server.request("set_data_weights", {"indices": TRAIN[1::4], "weight": 3.0}, timeout=WAIT)
+        pause_exactly_at(server, 7)
+        saved = server.request("save_ckpt", timeout=WAIT)
+        server.request("resume", timeout=WAIT)
+        reference = finish(proc, proc.out_path)
+    document = torch.load(saved["path"], weights_only=True)
+    if edit["takes_effect"] == "next_epoch":
+        assert document["data"]["sampling"] is None  # epoch 0 still draws as it began
+        assert int(document["data"]["next_epoch"]["sampling"]["dropped"].sum()) == len(TRAIN[::4])
+    else:
+        assert "next_epoch" not in document["data"]
+    resumed = fresh_process(runtime, tmp_path, "resumed", "--resume", saved["path"])
+    assert_same(reference["weights"], resumed["weights"])

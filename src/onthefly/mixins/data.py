@@ -64,7 +64,18 @@ class TrainData:
     training_indices: np.ndarray | None = None  # cached root indices of the training set
     generation: int = 0  # bumped whenever the loader or the position changes
     sampling: SamplingPlan | None = None  # weights / dropped samples of the run (None: the loader's own draw)
+    drawing: EpochDraw | None = None  # the epoch in progress, while a data edit waits for the next epoch
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EpochDraw:
+    """What the epoch in progress draws from after a data edit that takes effect at the next epoch
+    (on runtimes that cannot re-open an epoch): a checkpoint taken now replays this epoch from it."""
+
+    sampling: SamplingPlan | None
+    sampler: Any
+    epoch_start: dict[str, Any] | None
 
 
 class DataMixin:
@@ -234,6 +245,7 @@ class DataMixin:
         data.subset = None if subset is None else [int(i) for i in subset]
         data.sampling = sampling
         data.epoch_start = None
+        data.drawing = None
         data.generation += 1
         self.framework.refresh_train_loader(data.loader)
         return data.loader
@@ -270,16 +282,40 @@ class DataMixin:
         loader = self.subset_loader(data.subset) if plan is None else self.plan_loader(plan)
         return self.install_train_loader(loader, data.subset, sampling=plan)
 
+    def defer_sampling_plan(self, plan: SamplingPlan | None) -> Any:
+        """Train with `plan` from the next epoch on; the epoch in progress keeps drawing as it began."""
+        data = self.data
+        drawing = data.drawing or EpochDraw(data.sampling, data.managed_sampler, data.epoch_start)
+        loader = self.install_sampling_plan(plan)
+        data.drawing = drawing
+        return loader
+
     # ---- position ----------------------------------------------------------------------------
     def data_state(self) -> dict[str, Any]:
-        """What a checkpoint needs to reposition the data (see the module docstring)."""
+        """What a checkpoint needs to reposition the data (see the module docstring).
+
+        While a data edit waits for the next epoch, the fields describe the epoch in progress and
+        `next_epoch` holds the plan that follows it.
+        """
         data = self.data
-        return {
+        drawing = data.drawing
+        sampling, sampler = (drawing.sampling, drawing.sampler) if drawing else (data.sampling, data.managed_sampler)
+        state = {
             "policy": data.policy,
-            "epoch_start": data.epoch_start,
-            "sampler": data.managed_sampler.state_dict() if data.managed_sampler is not None else None,
-            "sampling": data.sampling.state() if data.sampling is not None else None,
+            "epoch_start": drawing.epoch_start if drawing else data.epoch_start,
+            "sampler": sampler.state_dict() if sampler is not None else None,
+            "sampling": sampling.state() if sampling is not None else None,
         }
+        if drawing is not None:
+            state["next_epoch"] = {"sampling": data.sampling.state() if data.sampling is not None else None}
+        return state
+
+    def apply_next_epoch_plan(self, data_state: dict[str, Any]) -> None:
+        """After a checkpoint's epoch is positioned: defer the plan it had waiting for the next epoch."""
+        waiting = data_state.get("next_epoch")
+        if waiting is not None:
+            saved = waiting.get("sampling")
+            self.defer_sampling_plan(SamplingPlan.from_state(saved) if saved is not None else None)
 
     def schedule_resume(self, data_state: dict[str, Any], rng: dict[str, Any] | None) -> None:
         """Remember how to reposition the loader; applied when the loop next opens an epoch.
@@ -305,10 +341,14 @@ class DataMixin:
             start = {"epoch": int(epoch), "rng": capture_rng_state(),
                      "generator": gen.get_state() if isinstance(gen, torch.Generator) else None}
         self.data.epoch_start = start
+        self.data.drawing = None
 
     def discard_resume(self) -> None:
-        """The framework repositioned its own loop: the native repositioning plan is not needed."""
-        self.data.resume = None
+        """The framework repositioned its own loop: the native repositioning plan is not needed
+        (a plan the checkpoint had waiting for the next epoch still is)."""
+        resume, self.data.resume = self.data.resume, None
+        if resume is not None:
+            self.apply_next_epoch_plan(resume.get("data") or {})
 
     def forget_epoch_start(self) -> None:
         """A command moved the run: the old epoch's start state no longer describes it."""
@@ -357,4 +397,7 @@ class DataMixin:
                     break
         if restore_after is not None:
             restore_rng_state(restore_after)
+        data.drawing = None  # a new epoch draws from the loader installed now
+        if resume is not None:
+            self.apply_next_epoch_plan(resume.get("data") or {})
         return iterator

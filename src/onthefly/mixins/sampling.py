@@ -237,9 +237,11 @@ class SamplingMixin:
             if not plan.replacement and plan.draws() > int((kept_weights > 0).sum()):
                 raise CommandError(f"{what}: without replacement at most {int((kept_weights > 0).sum())} samples "
                                    f"with weight > 0 can be drawn per epoch, not {plan.draws()}", ErrorCode.BAD_PAYLOAD)
-        self.install_sampling_plan(None if plan.is_identity else plan)
         if timing == "now":
+            self.install_sampling_plan(None if plan.is_identity else plan)
             self.request_reposition()  # the loop re-opens this epoch's iterator on the new plan
+        else:
+            self.defer_sampling_plan(None if plan.is_identity else plan)
         self.mark_state_changed()
         return {"run_id": self.cfg.run_name, "takes_effect": timing, **plan.describe(with_lists=False)}
 
