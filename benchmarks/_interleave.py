@@ -68,14 +68,14 @@ class Interleaved:
             return order[(order.index(name) + 1) % len(order)]
         return order[0]
 
-    def run(self, variants: dict[str, Callable[[Tick, Timer], None]]) -> dict[str, float]:
+    def run(self, variants: dict[str, Variant]) -> dict[str, float]:
         """Train every variant once, interleaved; returns each one's timed wall seconds."""
         spent = {name: 0.0 for name in variants}
         errors: list[BaseException] = []
         self._active = list(variants)
         self._turn = self._active[0]
 
-        def worker(name: str, fn: Callable[[Tick, Timer], None]) -> None:
+        def worker(name: str, fn: Variant) -> None:
             held_since: list[float | None] = [None]  # start of the current timed stretch
 
             def wait_turn() -> None:
@@ -149,7 +149,7 @@ def settle() -> None:
     gc.freeze()
 
 
-def sequential(variants: dict[str, Callable[[Tick, Timer], None]]) -> dict[str, float]:
+def sequential(variants: dict[str, Variant]) -> dict[str, float]:
     """Each variant trained alone, back to back in ABBA order; the mean of its two times."""
     names = list(variants)
     spent = {name: 0.0 for name in names}

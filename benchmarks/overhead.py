@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import loopback_dashboard  # noqa: E402
-from _interleave import Interleaved, Tick, Ticking, Timer, quartiles, sequential, settle  # noqa: E402
+from _interleave import Interleaved, Tick, Ticking, Timer, Variant, quartiles, sequential, settle  # noqa: E402
 
 import onthefly  # noqa: E402
 from onthefly import Trainer  # noqa: E402
@@ -96,7 +96,7 @@ def wait_connected(session: Any) -> None:
 
 
 # ---- the variants (setup outside `start()`..`stop()` is not timed) ---------------------------------
-def plain_loop(loader: DataLoader) -> Callable[[Tick, Timer], None]:
+def plain_loop(loader: DataLoader) -> Variant:
     def run(tick: Tick, timer: Timer) -> None:
         model, opt = fresh()
         timer.start()
@@ -106,7 +106,7 @@ def plain_loop(loader: DataLoader) -> Callable[[Tick, Timer], None]:
     return run
 
 
-def trainer_fit(loader: DataLoader, root: str, port: int | None) -> Callable[[Tick, Timer], None]:
+def trainer_fit(loader: DataLoader, root: str, port: int | None) -> Variant:
     def run(tick: Tick, timer: Timer) -> None:
         model, opt = fresh()
         trainer = Trainer(project="bench", max_epochs=1, transport="off" if port is None else "tcp",
@@ -119,7 +119,7 @@ def trainer_fit(loader: DataLoader, root: str, port: int | None) -> Callable[[Ti
     return run
 
 
-def attached_loop(loader: DataLoader, root: str, port: int) -> Callable[[Tick, Timer], None]:
+def attached_loop(loader: DataLoader, root: str, port: int) -> Variant:
     def run(tick: Tick, timer: Timer) -> None:
         model, opt = fresh()
         session = onthefly.attach(model=model, optimizer=opt, train_loader=loader, project="bench",
@@ -135,7 +135,7 @@ def attached_loop(loader: DataLoader, root: str, port: int) -> Callable[[Tick, T
     return run
 
 
-def lightning_variants(loader: DataLoader, root: str, port: int) -> tuple[Callable[[Tick, Timer], None], ...]:
+def lightning_variants(loader: DataLoader, root: str, port: int) -> tuple[Variant, ...]:
     import lightning.pytorch as pl
 
     for name in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
@@ -201,7 +201,7 @@ class Named(torch.utils.data.Dataset):
         return {"x": x, "labels": y}
 
 
-def hf_variants(loader: DataLoader, root: str, port: int) -> tuple[Callable[[Tick, Timer], None], ...]:
+def hf_variants(loader: DataLoader, root: str, port: int) -> tuple[Variant, ...]:
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -254,7 +254,7 @@ def hf_variants(loader: DataLoader, root: str, port: int) -> tuple[Callable[[Tic
 
 # ---- the harness ------------------------------------------------------------------------------------
 class Comparison:
-    def __init__(self, title: str, variants: dict[str, Callable[[Tick, Timer], None]], target: tuple[str, float]) -> None:
+    def __init__(self, title: str, variants: dict[str, Variant], target: tuple[str, float]) -> None:
         self.title, self.variants, self.target = title, variants, target
         self.baseline = next(iter(variants))
         self.times: dict[str, list[float]] = {name: [] for name in variants}
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*LeafSpec")
     loader = make_loader(args.samples)
     root = tempfile.mkdtemp(prefix="onthefly-bench-")
-    measure: Callable[[dict[str, Callable[[Tick, Timer], None]]], dict[str, float]]
+    measure: Callable[[dict[str, Variant]], dict[str, float]]
     measure = sequential if args.sequential else Interleaved(args.slice).run
     with loopback_dashboard() as port:
         comparisons = []
