@@ -35,6 +35,10 @@ from onthefly.cli import (
 
 WAIT = 10.0
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+# `python -m onthefly.cli` with Ctrl-C raising KeyboardInterrupt even when this test run was started
+# in the background (a shell starts background jobs, and so their children, with SIGINT ignored).
+CLI = [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+       "runpy.run_module('onthefly.cli', run_name='__main__')"]
 
 
 # ---------------------------------------------------------------- typed commands
@@ -269,7 +273,7 @@ def cli_process(args: list[str], cwd: Path) -> subprocess.Popen[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
-        [sys.executable, "-m", "onthefly.cli", *args],
+        [*CLI, *args],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -15,6 +15,7 @@ from .conftest import WAIT, artifacts_dir, live_training, wait_until
 
 pytest.importorskip("selenium", reason="browser tests need selenium (in the dev extra)")
 
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -45,6 +46,21 @@ def page_steps(browser: Any, run_id: str) -> list[int]:
 
 def click(browser: Any, element_id: str) -> None:
     browser.find_element(By.ID, element_id).click()
+
+
+def click_css(browser: Any, selector: str) -> None:
+    """Click the element `selector` names, finding it again if the page re-rendered it meanwhile.
+
+    The run tree is rebuilt whenever a run changes, so an element found a moment ago may be gone
+    by the click; a stale element was not clicked, so finding it again and clicking is safe.
+    """
+    def attempt() -> bool:
+        try:
+            browser.find_element(By.CSS_SELECTOR, selector).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+    wait_until(attempt, WAIT, f"a click on {selector}")
 
 
 def type_into(browser: Any, element_id: str, value: str) -> None:
@@ -206,7 +222,7 @@ def test_report_brush_fork_merge_export_and_switch(browser, tmp_path):
         click(browser, "btn-pause")
         live.dash.wait_for_event("paused", since=mark, timeout=WAIT)
         for run_id in ("baseline", "fork1"):
-            browser.find_element(By.CSS_SELECTOR, f"#run-tree li[data-run='{run_id}'] > .run-row .run-select").click()
+            click_css(browser, f"#run-tree li[data-run='{run_id}'] > .run-row .run-select")
         Select(browser.find_element(By.ID, "merge-strategy")).select_by_value("swa")
         click(browser, "btn-merge")
         merged = live.dash.wait_for_event("newRun", since=mark, timeout=WAIT)
@@ -214,7 +230,7 @@ def test_report_brush_fork_merge_export_and_switch(browser, tmp_path):
         assert merged["meta"]["kind"] == "merge" and merged["meta"]["strategy"] == "swa"
         wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#run-tree li[data-run='merge1']"), WAIT, "merge1 in the tree")
 
-        browser.find_element(By.CSS_SELECTOR, "#run-tree li[data-run='fork1'] > .run-row .run-switch").click()
+        click_css(browser, "#run-tree li[data-run='fork1'] > .run-row .run-switch")
         wait_until(lambda: live.dash.request("status")["run_id"] == "fork1", WAIT, "the switch to fork1")
         wait_until(lambda: text(browser, "st-run") == "fork1", WAIT, "fork1 in the status bar")
 

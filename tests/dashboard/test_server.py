@@ -254,6 +254,12 @@ def test_hub_records_connections_and_rejects_bad_items():
 # ---------------------------------------------------------------- the `onthefly dashboard` command
 
 
+# `python -m onthefly.cli` with Ctrl-C raising KeyboardInterrupt even when this test run was started
+# in the background (a shell starts background jobs, and so their children, with SIGINT ignored).
+CLI = [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+       "runpy.run_module('onthefly.cli', run_name='__main__')"]
+
+
 def cli_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
@@ -261,7 +267,7 @@ def cli_env() -> dict[str, str]:
 def test_cli_serves_the_page_and_listens_for_trainers(tmp_path):
     url_file, port_file = tmp_path / "url", tmp_path / "port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onthefly.cli", "dashboard", "--port", "0", "--http-port", "0",
+        [*CLI, "dashboard", "--port", "0", "--http-port", "0",
          "--url-file", str(url_file), "--port-file", str(port_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env(),
     )
