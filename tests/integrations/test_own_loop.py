@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 
 import pytest
@@ -85,6 +86,25 @@ def test_pause_mid_epoch_is_bit_exact(tmp_path, workers):
     assert len(finished) == 1 and finished[0]["status"] == "completed" and finished[0]["step"] == 32
     seqs = [e["event_seq"] for e in history]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+
+
+def exit_quietly() -> None:
+    """A forked child's whole life: start, and exit normally (running its interpreter's exit hooks)."""
+
+
+def test_a_forked_child_such_as_a_loader_worker_exits_without_touching_the_session(tmp_path):
+    """A DataLoader worker is a fork of the training process: it inherits the session's exit hook
+    but none of its threads. Closing the session there hung the worker until the loader killed it
+    (5 s per worker, at every epoch's end) and would have written into the parent's files."""
+    model = make_net()
+    session = onthefly.attach(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                              train_loader=make_loaders()[0], transport="off", save_dir=str(tmp_path))
+    with session:
+        child = multiprocessing.get_context("fork").Process(target=exit_quietly)
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0, "the forked child did not exit (hung in the session's exit hook)"
+        assert session.state.running and session.state.status == "running"
 
 
 def stop_script(server, results):

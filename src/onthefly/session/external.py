@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import os
 import threading
 import weakref
 from typing import Any, Callable, Mapping
@@ -265,13 +266,16 @@ class OnTheFlyExternalSession(OnTheFlySessionBase):
 
         The hook runs at thread shutdown, before the interpreter stops the thread pools that the
         session's file writes use (a plain `atexit` handler runs after that); it holds only a weak
-        reference, so a session closed and dropped earlier is not kept alive.
+        reference, so a session closed and dropped earlier is not kept alive. A forked child (a
+        DataLoader worker) inherits the hook but none of the session's threads: there the hook does
+        nothing, or the child would hang at exit waiting for them and write into the parent's files.
         """
         ref = weakref.ref(self)
+        owner = os.getpid()
 
         def close_if_alive() -> None:
             session = ref()
-            if session is not None:
+            if session is not None and os.getpid() == owner:
                 session.close()
 
         register = getattr(threading, "_register_atexit", None)  # what concurrent.futures itself uses
