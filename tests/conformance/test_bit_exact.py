@@ -108,10 +108,9 @@ def test_resume_from_a_checkpoint_and_from_a_bundle_is_bit_exact(runtime, tmp_pa
     assert_same(reference["weights"], from_bundle["weights"])
 
 
-# A checkpoint at an epoch's last batch resumes at the next epoch's first. Lightning is not in this
-# list: its own restart logic moves a fresh process past the epoch after such a checkpoint (an
-# open defect, issue #10's note); the HF Trainer ended its training on the empty epoch until fixed.
-@pytest.mark.parametrize("epoch_end_runtime", ["hf", "own_loop", "trainer"])
+# A checkpoint at an epoch's last batch resumes with that epoch's validation and end, then the next
+# epoch's first batch (Lightning's own restart skipped both; the HF Trainer ended on the empty epoch).
+@pytest.mark.parametrize("epoch_end_runtime", sorted(RUNTIMES))
 def test_a_checkpoint_at_an_epochs_last_batch_resumes_bit_exactly(epoch_end_runtime, tmp_path):
     reference = fresh_process(epoch_end_runtime, tmp_path, "reference", "--ckpt-every", "10")
     ckpt = checkpoint_of(reference, 10)  # the last of the first epoch's 10 batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import lightning.pytorch as pl
 import pytest
@@ -188,3 +189,38 @@ def test_load_ckpt_of_a_lightning_checkpoint_lands_between_two_steps(tmp_path):
     assert steps == list(range(1, 10)) + list(range(6, 6 + 16 - 9))  # counting resumes from the checkpoint
     loaded = [e for e in history if e["type"] == "checkpoint_loaded"]
     assert len(loaded) == 1 and loaded[0]["step"] == 5
+
+
+class PlateauClassifier(LitClassifier):
+    """Halves the lr whenever val_loss went down (mode "max"): a plateau scheduler that acts every epoch."""
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.parameters(), lr=self.lr)
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="max", patience=0, factor=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": plateau, "monitor": "val_loss"}}
+
+
+def resumable_fit(folder, *, validate: bool, resume_from=None):
+    """Three epochs of 16 batches, a checkpoint every 8; with `validate`, validation after every 8 batches."""
+    pl.seed_everything(3, verbose=False)
+    model = PlateauClassifier() if validate else LitClassifier()
+    trainer = make_trainer(max_epochs=3, val_check_interval=0.5 if validate else 1.0,
+                           limit_val_batches=1.0 if validate else 0)
+    train, val, test = loaders()
+    session = onthefly.attach_lightning(trainer=trainer, model=model, project="lit", transport="off",
+                                        save_dir=str(folder), ckpt_every_steps=8, resume_from=resume_from)
+    trainer.fit(model, train, val)
+    return model, session
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validating", "no-validation"])
+def test_a_checkpoint_where_validation_or_the_epochs_end_is_due_resumes_bit_exactly(tmp_path, validate):
+    """Lightning's own restart skips what followed the saved batch: the validation due then and, after
+    an epoch's last batch, the epoch's end. onthefly's resume runs them, as the saved run did."""
+    reference, session = resumable_fit(tmp_path / "reference", validate=validate)
+    ring = session.storage.checkpoint_dir("baseline")
+    for step in (8, 16):  # validation due mid-epoch (validating); the first epoch's last batch
+        ckpt = ring / f"step-{step:08d}.pt"
+        assert load_checkpoint(ckpt)["step"] == step
+        resumed, _ = resumable_fit(tmp_path / f"from-{step}", validate=validate, resume_from=str(ckpt))
+        assert_same_weights(weights(reference), weights(resumed))

@@ -192,6 +192,38 @@ class LightningDelegate(FrameworkDelegate):
         return {"path": str(path), "step": step, "epoch": epoch, "last_val_loss": None}
 
     # ---- Lightning's loop position in onthefly checkpoints -----------------------------------
+    @staticmethod
+    def _finish_saved_batch(fit_loop: Any) -> Any:
+        """Make Lightning's own restart finish the saved batch the way the saved run went on.
+
+        A checkpoint from `on_train_batch_end` restarts, in Lightning, past what followed that hook:
+        the validation due after the batch is skipped and, at an epoch's last batch, so is the
+        epoch's end (the loop moves to the next epoch). The saved run did both, and validation draws
+        from the global RNG, so every later batch would differ. Marking the batch complete makes the
+        epoch loop restart "on the last batch"; marking the due validation as begun makes it run that
+        validation (its path for a validation interrupted midway), then end the epoch as usual.
+
+        Returns the validation progress whose begun-marker must be taken back once the restart
+        stage is read (by `fit_loop.reset()`), or None when no validation was due.
+        """
+        epoch_loop = fit_loop.epoch_loop
+        batches = epoch_loop.batch_progress
+        val_due = epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
+        if not (batches.is_last_batch or val_due):
+            return None  # mid-epoch with nothing due: Lightning's own restart continues exactly
+        batches.total.completed = batches.total.processed
+        batches.current.completed = batches.current.processed
+        if not val_due:
+            # No hook of the saved batch is left to run; its count of stepped batches is.
+            if not epoch_loop._should_accumulate():
+                epoch_loop._batches_that_stepped += 1
+            return None
+        progress = epoch_loop.val_loop.batch_progress
+        progress.current.reset()  # the due validation starts from its first batch
+        progress.total.ready = progress.total.started = progress.total.completed + 1
+        progress.total.processed = progress.total.completed
+        return progress
+
     def capture_state(self) -> dict[str, Any] | None:
         """Lightning's loop progress (its own `fit_loop.state_dict()`) and the precision plugin's state."""
         trainer = self.trainer
@@ -244,9 +276,15 @@ class LightningDelegate(FrameworkDelegate):
             # Loaded at the hook it was saved at: Lightning carries on as the saved run did.
             fit_loop.restarting = False
         else:
-            # Before the fit's first batch: the same path as Lightning's own resume from a checkpoint.
+            # Before the fit's first batch: the same path as Lightning's own resume from a checkpoint,
+            # except that what the saved run still did after its batch is done rather than skipped.
+            finishing = self._finish_saved_batch(fit_loop)
             fit_loop.reset()
+            if finishing is not None:
+                finishing.total.ready = finishing.total.started = finishing.total.completed
             fit_loop.epoch_progress.current.completed = fit_loop.epoch_progress.current.processed
+            # Lightning skips a restarted epoch's plateau-scheduler step; the saved run took it.
+            fit_loop._restarting = False
         epoch = trainer.current_epoch
         batches = fit_loop.epoch_loop.batch_progress.current.ready
         data, rng = rank_position(document)  # this rank's own, in a distributed run
