@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cli_child import CLI
 
 from onthefly import __version__
 from onthefly.cli import (
@@ -35,10 +36,6 @@ from onthefly.cli import (
 
 WAIT = 10.0
 SRC = str(Path(__file__).resolve().parents[1] / "src")
-# `python -m onthefly.cli` with Ctrl-C raising KeyboardInterrupt even when this test run was started
-# in the background (a shell starts background jobs, and so their children, with SIGINT ignored).
-CLI = [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-       "runpy.run_module('onthefly.cli', run_name='__main__')"]
 
 
 # ---------------------------------------------------------------- typed commands

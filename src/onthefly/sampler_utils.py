@@ -7,6 +7,7 @@ DataLoader with a new sampler or dataset without dropping any of the user's knob
 
 from __future__ import annotations
 
+import abc
 import inspect
 import random
 from collections.abc import Callable, Iterator, Sized
@@ -60,15 +61,16 @@ def check_non_negative_int(name: str, value: Any) -> int:
     return value
 
 
-class SkippableEpochSampler(Sampler[int]):
+class SkippableEpochSampler(Sampler[int], abc.ABC):
     """A sampler whose epoch is the index tensor `order()`; `skip(n)` (set by a subclass in `_skip`)
     makes the next iterator start `n` positions in, once."""
 
     _skip = 0
     num_samples: int
 
+    @abc.abstractmethod
     def order(self, epoch: int | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """The epoch's sample indices in the order they are drawn (the current epoch by default)."""
 
     def __iter__(self) -> Iterator[int]:
         # Computed eagerly so the pending skip is consumed by this iterator, not a later one.

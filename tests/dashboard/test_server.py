@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from cli_child import CLI
 
 from onthefly.client import DashboardServer
 from onthefly.dashboard import CONNECTION_TYPE, STATIC_DIR, PageHub, WebDashboard
@@ -252,12 +253,6 @@ def test_hub_records_connections_and_rejects_bad_items():
 
 
 # ---------------------------------------------------------------- the `onthefly dashboard` command
-
-
-# `python -m onthefly.cli` with Ctrl-C raising KeyboardInterrupt even when this test run was started
-# in the background (a shell starts background jobs, and so their children, with SIGINT ignored).
-CLI = [sys.executable, "-c", "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-       "runpy.run_module('onthefly.cli', run_name='__main__')"]
 
 
 def cli_env() -> dict[str, str]:

@@ -193,36 +193,35 @@ class LightningDelegate(FrameworkDelegate):
 
     # ---- Lightning's loop position in onthefly checkpoints -----------------------------------
     @staticmethod
-    def _finish_saved_batch(fit_loop: Any) -> Any:
-        """Make Lightning's own restart finish the saved batch the way the saved run went on.
+    def _restart_finishing_the_saved_batch(fit_loop: Any) -> None:
+        """Lightning's own restart (`fit_loop.reset()`), made to go on the way the saved run did.
 
         A checkpoint from `on_train_batch_end` restarts, in Lightning, past what followed that hook:
         the validation due after the batch is skipped and, at an epoch's last batch, so is the
         epoch's end (the loop moves to the next epoch). The saved run did both, and validation draws
         from the global RNG, so every later batch would differ. Marking the batch complete makes the
-        epoch loop restart "on the last batch"; marking the due validation as begun makes it run that
-        validation (its path for a validation interrupted midway), then end the epoch as usual.
-
-        Returns the validation progress whose begun-marker must be taken back once the restart
-        stage is read (by `fit_loop.reset()`), or None when no validation was due.
+        epoch loop restart "on the last batch"; marking the due validation as begun (only while
+        `reset()` reads the restart stage) makes it run that validation, its path for a validation
+        interrupted midway, and then end the epoch as usual.
         """
         epoch_loop = fit_loop.epoch_loop
         batches = epoch_loop.batch_progress
+        val = epoch_loop.val_loop.batch_progress
         val_due = epoch_loop._should_check_val_fx(fit_loop._data_fetcher)
-        if not (batches.is_last_batch or val_due):
-            return None  # mid-epoch with nothing due: Lightning's own restart continues exactly
-        batches.total.completed = batches.total.processed
-        batches.current.completed = batches.current.processed
-        if not val_due:
+        if val_due:
+            val.current.reset()  # the due validation starts from its first batch
+            val.total.ready = val.total.started = val.total.completed + 1
+            val.total.processed = val.total.completed
+        elif batches.is_last_batch and not epoch_loop._should_accumulate():
             # No hook of the saved batch is left to run; its count of stepped batches is.
-            if not epoch_loop._should_accumulate():
-                epoch_loop._batches_that_stepped += 1
-            return None
-        progress = epoch_loop.val_loop.batch_progress
-        progress.current.reset()  # the due validation starts from its first batch
-        progress.total.ready = progress.total.started = progress.total.completed + 1
-        progress.total.processed = progress.total.completed
-        return progress
+            epoch_loop._batches_that_stepped += 1
+        if val_due or batches.is_last_batch:
+            batches.total.completed = batches.total.processed
+            batches.current.completed = batches.current.processed
+        # (mid-epoch with nothing due: Lightning's own restart continues exactly, unchanged)
+        fit_loop.reset()
+        if val_due:
+            val.total.ready = val.total.started = val.total.completed
 
     def capture_state(self) -> dict[str, Any] | None:
         """Lightning's loop progress (its own `fit_loop.state_dict()`) and the precision plugin's state."""
@@ -278,10 +277,7 @@ class LightningDelegate(FrameworkDelegate):
         else:
             # Before the fit's first batch: the same path as Lightning's own resume from a checkpoint,
             # except that what the saved run still did after its batch is done rather than skipped.
-            finishing = self._finish_saved_batch(fit_loop)
-            fit_loop.reset()
-            if finishing is not None:
-                finishing.total.ready = finishing.total.started = finishing.total.completed
+            self._restart_finishing_the_saved_batch(fit_loop)
             fit_loop.epoch_progress.current.completed = fit_loop.epoch_progress.current.processed
             # Lightning skips a restarted epoch's plateau-scheduler step; the saved run took it.
             fit_loop._restarting = False
